@@ -1,0 +1,1 @@
+"""Model card templates (Jinja) for calibrations published to the Hugging Face Hub."""

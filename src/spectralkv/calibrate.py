@@ -1,0 +1,300 @@
+"""Calibration: measure a model's keys, values and queries, and turn them into a :class:`SpectralKVConfig`.
+
+1. Fit pass (streaming, constant memory): per layer and KV head, float64 moments of keys and values exactly as the
+   cache stores them (post-RoPE), skipping the first ``sink_tokens`` of each sequence, plus the second moment of the
+   queries of the head's GQA group; a small random sample of raw vectors is kept for fitting codebooks.
+2. Eigenbases of the centred covariances; importance weights per eigen-coordinate: ``u^T E[q q^T] u`` for keys
+   (the score error of a key error ``e`` is ``q.e``) and ``u^T W_o^T W_o u`` for values (a value error reaches the
+   residual stream through ``o_proj``).
+3. Lloyd-Max codebooks per layer and K/V, fitted to the calibration coordinates, with and without a per-token scale.
+4. Held-out pass: measured codebook distortion per coordinate and bit width; then the choices papers disagree on
+   (relative weight of key vs value errors, per-token scale on/off) are made by fake-quantizing the held-out keys
+   and values at the target budget and measuring the attention output error after ``o_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .allocation import allocate, check_budget
+from .capture import capture_attention
+from .codebook import distortion_table, fit_codebooks
+from .config import KINDS, SpectralKVConfig, tensor_name
+from .fingerprint import check_supported, compressed_layers, fingerprint
+from .moments import MomentAccumulator, eigh_descending, participation_ratio
+from .quantizer import SCALE_FLOOR
+from .text import calibration_tokens, windows
+
+KEY_WEIGHT_GRID = tuple(2.0**e for e in range(-6, 7))
+SAMPLES_PER_SEQUENCE = 64
+MAX_CODEBOOK_SAMPLES = 1 << 19
+
+
+@dataclass
+class _Heldout:
+    q: torch.Tensor  # [S, Hq, T, D]
+    k: torch.Tensor  # [S, H, T, D]
+    v: torch.Tensor
+    scaling: float
+    w_o: torch.Tensor | None  # [hidden, Hq * D]
+
+
+def _o_proj_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    proj = getattr(module, "o_proj", None)
+    w = getattr(proj, "weight", None)
+    return None if w is None else w.detach().float().cpu()
+
+
+def _run(model: Any, seqs: list[torch.Tensor], callback: Any, desc: str, progress: bool) -> None:
+    device = next(model.parameters()).device
+    with torch.inference_mode(), capture_attention(model, callback):
+        for ids in tqdm(seqs, desc=desc, disable=not progress, unit="seq"):
+            model(input_ids=ids.view(1, -1).to(device), use_cache=False)
+
+
+def _standardise(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``[H, N, D]`` raw -> rotated, centred, standardised ``z``."""
+    return torch.einsum("hnd,hde->hne", x.float() - mean[:, None].float(), basis.float()) / lam.float().clamp_min(
+        1e-10
+    ).sqrt()[:, None]
+
+
+def _token_scaled(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = z.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(SCALE_FLOOR).half().float()
+    return z / s, s
+
+
+def attention_output_error(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor,
+    scaling: float, w_o: torch.Tensor | None,
+) -> float:
+    """Relative squared error of causal attention outputs (after ``o_proj`` when known) with quantized K/V."""
+    def attend(kk: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
+        o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scaling, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
+        return o if w_o is None else o @ w_o.T
+
+    ref = attend(k, v)
+    return float((attend(k_hat, v_hat) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+
+
+def calibrate(
+    model: Any,
+    tokenizer: Any,
+    *,
+    bits: float = 3.0,
+    text: str = "pydoc",
+    tokens: int = 32768,
+    heldout_tokens: int = 2048,
+    seq_len: int = 512,
+    sink_tokens: int = 4,
+    window: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
+) -> SpectralKVConfig:
+    """Calibrate ``model`` on ``text`` and return a config serving budget ``bits`` (and any other budget)."""
+    bits = check_budget(bits)
+    check_supported(model)
+    if seq_len <= sink_tokens:
+        raise ValueError(f"`seq_len` ({seq_len}) must exceed `sink_tokens` ({sink_tokens}).")
+    if tokens < seq_len or heldout_tokens < seq_len:
+        raise ValueError(f"`tokens` ({tokens}) and `heldout_tokens` ({heldout_tokens}) must be >= seq_len ({seq_len}).")
+    fp = fingerprint(model)
+    layers = compressed_layers(fp)
+    if not layers:
+        raise ValueError("This model has no full-attention layers: nothing for spectralkv to compress.")
+    h, hq, d = fp["num_key_value_heads"], fp["num_attention_heads"], fp["head_dim"]
+    ids = calibration_tokens(tokenizer, text)
+    if len(ids) < tokens + heldout_tokens:
+        raise ValueError(
+            f"The calibration text {text!r} has {len(ids)} tokens, but tokens + heldout_tokens = "
+            f"{tokens + heldout_tokens} were requested. Lower --tokens or pass a longer --text file."
+        )
+    fit_seqs = windows(ids[:tokens], seq_len)
+    held_seqs = windows(ids[len(ids) - heldout_tokens :], seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    layer_set = set(layers)
+
+    # 1. fit pass -----------------------------------------------------------------------------------------------
+    mom = {(l, k): MomentAccumulator(h, d) for l in layers for k in KINDS}
+    qmom = {l: MomentAccumulator(h, d) for l in layers}
+    samples: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in mom}
+    w_o: dict[int, torch.Tensor | None] = {}
+    scaling: dict[int, float] = {}
+
+    def fit_cb(l: int, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if l not in layer_set:
+            return
+        if l not in w_o:
+            w_o[l] = _o_proj_weight(module)
+            scaling[l] = float(getattr(module, "scaling", d**-0.5))
+        pick = torch.randperm(k.shape[2] - sink_tokens, generator=gen)[:SAMPLES_PER_SEQUENCE] + sink_tokens
+        for kind, x in (("k", k), ("v", v)):
+            xs = x[0, :, sink_tokens:].float()
+            mom[(l, kind)].update(xs)
+            samples[(l, kind)].append(x[0, :, pick].float().cpu())
+        g = hq // h
+        qs = q[0, :, sink_tokens:].float().reshape(h, g, -1, d).reshape(h, -1, d)  # query j uses KV head j // g
+        qmom[l].update(qs)
+
+    _run(model, fit_seqs, fit_cb, "calibration: moments", progress)
+
+    # 2. eigenbases and importance weights -------------------------------------------------------------------------
+    tensors: dict[str, torch.Tensor] = {}
+    measured_layers = []
+    for l in layers:
+        row: dict[str, Any] = {"layer": l}
+        for kind in KINDS:
+            m = mom[(l, kind)]
+            lam, vec = eigh_descending(m.covariance())
+            mu = m.mean()
+            if kind == "k":
+                qq = qmom[l].second_moment() * (hq // h)  # summed over the query heads of the group
+                weight = torch.einsum("hdi,hde,hei->hi", vec, qq, vec)
+            else:
+                wo = w_o.get(l)
+                if wo is None:
+                    weight = torch.ones(h, d, dtype=torch.float64)
+                else:
+                    g = hq // h
+                    blocks = wo.double().view(wo.shape[0], h, g, d)
+                    mh = torch.einsum("ohgd,ohge->hde", blocks, blocks)
+                    weight = torch.einsum("hdi,hde,hei->hi", vec, mh, vec)
+            tensors[tensor_name(l, kind, "mean")] = mu.float()
+            tensors[tensor_name(l, kind, "basis")] = vec.float()
+            tensors[tensor_name(l, kind, "eigenvalues")] = lam.float()
+            tensors[tensor_name(l, kind, "weights")] = weight.clamp_min(0).float()
+            energy = m.second_moment().diagonal(dim1=-2, dim2=-1).sum(-1)
+            row[f"{kind}_mean_energy"] = float((mu.pow(2).sum(-1) / energy.clamp_min(1e-30)).mean())
+            row[f"{kind}_participation_ratio"] = float(participation_ratio(lam).mean())
+            row[f"{kind}_top8_energy"] = float((lam[:, :8].sum(-1) / lam.sum(-1).clamp_min(1e-30)).mean())
+        measured_layers.append(row)
+    # Put key and value weights on one scale (equal total weighted variance); the data then picks the ratio.
+    tot = {kind: sum(float((tensors[tensor_name(l, kind, "weights")].double()
+                            * tensors[tensor_name(l, kind, "eigenvalues")].double()).sum()) for l in layers)
+           for kind in KINDS}
+    norm = tot["v"] / max(tot["k"], 1e-30)
+    for l in layers:
+        tensors[tensor_name(l, "k", "weights")] *= norm
+
+    # 3. held-out pass ---------------------------------------------------------------------------------------------
+    held: dict[int, dict[str, list[torch.Tensor]]] = {l: {"q": [], "k": [], "v": []} for l in layers}
+
+    def held_cb(l: int, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if l in layer_set:
+            for name, x in (("q", q), ("k", k), ("v", v)):
+                held[l][name].append(x.float().cpu())
+
+    _run(model, held_seqs, held_cb, "calibration: held-out", progress)
+    heldout = {
+        l: _Heldout(torch.cat(held[l]["q"]), torch.cat(held[l]["k"]), torch.cat(held[l]["v"]), scaling[l], w_o[l])
+        for l in layers
+    }
+    del held
+
+    # 4. codebooks and measured distortion, per scale mode ------------------------------------------------------------
+    variants: dict[bool, dict[str, Any]] = {}
+    for token_scale in (False, True):
+        cbs, dist = {}, {}
+        for l in layers:
+            for kind in KINDS:
+                mean = tensors[tensor_name(l, kind, "mean")]
+                basis = tensors[tensor_name(l, kind, "basis")]
+                lam = tensors[tensor_name(l, kind, "eigenvalues")]
+                z_fit = _standardise(torch.cat(samples[(l, kind)], 1), mean, basis, lam)
+                x_held = getattr(heldout[l], kind)[:, :, sink_tokens:].transpose(0, 1).reshape(h, -1, d)
+                z_held = _standardise(x_held, mean, basis, lam)
+                scale = None
+                if token_scale:
+                    z_fit, _ = _token_scaled(z_fit)
+                    z_held, scale = _token_scaled(z_held)
+                flat = z_fit.reshape(-1)
+                if flat.numel() > MAX_CODEBOOK_SAMPLES:
+                    flat = flat[torch.randperm(flat.numel(), generator=gen)[:MAX_CODEBOOK_SAMPLES]]
+                table = fit_codebooks(flat)
+                cbs[(l, kind)] = table
+                dist[(l, kind)] = distortion_table(z_held, table, scale)
+        variants[token_scale] = {"codebooks": cbs, "distortion": dist}
+
+    # 5. choose key weight and scale mode by measured attention-output error at the target budget ---------------------
+    def build(token_scale: bool, key_weight: float) -> SpectralKVConfig:
+        t = dict(tensors)
+        for l in layers:
+            for kind in KINDS:
+                t[tensor_name(l, kind, "codebooks")] = variants[token_scale]["codebooks"][(l, kind)]
+                t[tensor_name(l, kind, "distortion")] = variants[token_scale]["distortion"][(l, kind)].float()
+                if kind == "k":
+                    t[tensor_name(l, kind, "weights")] = tensors[tensor_name(l, kind, "weights")] * key_weight
+                t[tensor_name(l, kind, "bits")] = torch.zeros(h, d, dtype=torch.uint8)
+        cfg = SpectralKVConfig(
+            base_model=base_model or getattr(model.config, "spectralkv_base_model", None)
+            or str(getattr(model.config, "_name_or_path", "unknown")),
+            fingerprint=fp, compressed_layers=layers, tensors=t, default_bits=bits, token_scale=token_scale,
+            key_weight=key_weight, sink_tokens=sink_tokens, window=window, base_model_revision=base_model_revision,
+        )
+        alloc = allocate(cfg.weighted_distortion(), cfg.code_bits_for(bits), cfg.group_size)
+        for (l, kind), b in alloc.items():
+            t[tensor_name(l, kind, "bits")] = b
+        return cfg
+
+    def heldout_error(cfg: SpectralKVConfig) -> tuple[float, list[float]]:
+        quant = cfg.quantizers()
+        per_layer = []
+        for l in layers:
+            ho = heldout[l]
+            hat = {}
+            for kind in KINDS:
+                x = getattr(ho, kind)
+                xh = quant[(l, kind)].fake_quantize(x)
+                xh[:, :, :sink_tokens] = x[:, :, :sink_tokens]
+                hat[kind] = xh
+            per_layer.append(attention_output_error(ho.q, ho.k, ho.v, hat["k"], hat["v"], ho.scaling, ho.w_o))
+        return float(sum(per_layer) / len(per_layer)), per_layer
+
+    search = []
+    best: tuple[float, SpectralKVConfig, list[float]] | None = None
+    grid = [(ts, kw) for ts in (False, True) for kw in KEY_WEIGHT_GRID]
+    for ts, kw in tqdm(grid, desc="calibration: K/V split", disable=not progress):
+        if ts and bits * 2 * h * d <= 16 * 2 * h:  # the scales alone would eat the budget
+            continue
+        cfg = build(ts, kw)
+        err, per_layer = heldout_error(cfg)
+        split = cfg.kv_split()
+        search.append({"token_scale": ts, "key_weight": kw, "heldout_output_error": err, **split})
+        if best is None or err < best[0]:
+            best = (err, cfg, per_layer)
+    assert best is not None  # the grid is never empty (token_scale=False always runs)
+    err, cfg, per_layer = best
+    for row, e in zip(measured_layers, per_layer, strict=True):
+        row["heldout_output_error"] = e
+    cfg.calibration = {
+        "text_source": text,
+        "tokens": len(fit_seqs) * seq_len,
+        "heldout_tokens": len(held_seqs) * seq_len,
+        "seq_len": seq_len,
+        "sink_tokens": sink_tokens,
+        "seed": seed,
+        "codebook_granularity": "per layer and K/V",
+        "spectralkv_version": __version__,
+    }
+    fp16_bytes = 2 * 2 * len(layers) * h * d
+    cfg.measured = {
+        "layers": measured_layers,
+        "kv_split_search": search,
+        "chosen": {"token_scale": cfg.token_scale, "key_weight": cfg.key_weight, "heldout_output_error": err,
+                   **cfg.kv_split()},
+        "bytes_per_token": cfg.bytes_per_token(),
+        "fp16_bytes_per_token": fp16_bytes,
+        "effective_bits": cfg.effective_bits(),
+    }
+    if not math.isfinite(err):
+        raise RuntimeError("Calibration produced a non-finite held-out error; the model's activations may overflow.")
+    return cfg
