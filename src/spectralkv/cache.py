@@ -1,0 +1,146 @@
+"""``SpectralKVCache``: a real transformers ``Cache`` whose full-attention layers hold packed spectral codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+
+from .config import SpectralKVConfig
+from .layer_base import CompressedLayer, GrowableBuffer, TokenStore
+from .quantizer import SpectralQuantizer
+
+
+class SpectralStore(TokenStore):
+    """Packed code rows ``[B, N, row_bytes]`` (uint8) plus optional fp16 per-token scales ``[B, N, H]``."""
+
+    def __init__(self, quantizer: SpectralQuantizer) -> None:
+        self.quantizer = quantizer
+        self.codes = GrowableBuffer()
+        self.scales = GrowableBuffer()
+
+    def append(self, x: torch.Tensor) -> None:
+        packed, scales = self.quantizer.encode(x)
+        self.codes.append(packed)
+        if scales is not None:
+            self.scales.append(scales)
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor | None:
+        codes = self.codes.view()
+        if codes is None or codes.shape[1] == 0:
+            return None
+        return self.quantizer.decode(codes, self.scales.view(), dtype)
+
+    def __len__(self) -> int:
+        return self.codes.length
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        self.codes.select_batch(index)
+        self.scales.select_batch(index)
+
+    def memory(self) -> dict[str, int]:
+        return {"codes": self.codes.nbytes, "metadata": self.scales.nbytes}
+
+    def bits_per_token(self) -> float:
+        return float(self.quantizer.bits_per_token)
+
+
+def _model_config(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
+class SpectralKVCache(Cache):
+    """KV cache for ``generate``: compressed full-attention layers, ordinary layers elsewhere.
+
+    Args:
+        model: the model (or its config) the cache serves; checked against the calibration.
+        calibration: a :class:`SpectralKVConfig` (or a path / Hub id to load one from).
+        bits: budget in bits per coordinate (default: the calibration's active budget).
+        window: recent tokens kept in full precision (default: the calibration's, 32).
+        sink_tokens: leading tokens kept in full precision (default: the calibration's, 4).
+
+    Sliding-window layers (Mistral/Gemma-style ``layer_types``) keep their bounded window in full precision with
+    transformers' own ``DynamicSlidingWindowLayer``: their memory does not grow with the context.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        calibration: SpectralKVConfig | str,
+        *,
+        bits: float | None = None,
+        window: int | None = None,
+        sink_tokens: int | None = None,
+    ) -> None:
+        if not isinstance(calibration, SpectralKVConfig):
+            calibration = SpectralKVConfig.from_pretrained(calibration)
+        calibration.check_compatible(model)
+        if bits is not None:
+            calibration = calibration.with_bits(bits)
+        self.calibration = calibration
+        self.window = calibration.window if window is None else int(window)
+        self.sink_tokens = calibration.sink_tokens if sink_tokens is None else int(sink_tokens)
+        if self.window < 0 or self.sink_tokens < 0:
+            raise ValueError(f"window and sink_tokens must be >= 0, got {self.window} and {self.sink_tokens}.")
+        quantizers = calibration.quantizers()
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(_model_config(model))
+        compressed = set(calibration.compressed_layers)
+        layers = []
+        for i, (lt, kw) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
+            if i in compressed:
+                qk, qv = quantizers[(i, "k")], quantizers[(i, "v")]
+                layers.append(CompressedLayer(lambda qk=qk: SpectralStore(qk), lambda qv=qv: SpectralStore(qv),
+                                              self.sink_tokens, self.window))
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[lt](**kw))
+        super().__init__(layers=layers)
+
+    @property
+    def bits(self) -> float:
+        return float(self.calibration.bits)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Resident bytes by part and per layer, against what an fp16 ``DynamicCache`` would hold for the same tokens.
+
+        ``accounted_bytes`` is what the bit accounting promises for the compressed tokens (codes + scales);
+        ``resident_bytes`` is what the buffers really occupy (chunked growth included).
+        """
+        per_layer = []
+        totals = {"codes": 0, "metadata": 0, "sinks": 0, "window": 0, "other_layers": 0}
+        accounted = 0.0
+        compressed_tokens = 0
+        fp16 = 0
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedLayer):
+                m = layer.memory()
+                per_layer.append({"layer": i, **m})
+                for key in ("codes", "metadata", "sinks", "window"):
+                    totals[key] += m[key]
+                if layer.is_initialized:
+                    n = m["compressed_tokens"]
+                    batch = layer.keys.shape[0]
+                    accounted += n * batch * (layer.key_store.bits_per_token() + layer.value_store.bits_per_token()) / 8
+                    compressed_tokens = max(compressed_tokens, n)
+                    h, d = layer.keys.shape[1], layer.keys.shape[3]
+                    fp16 += batch * layer.get_seq_length() * h * d * 2 * 2
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                nb = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                totals["other_layers"] += nb
+                fp16 += layer.keys.numel() * 2 * 2
+        resident = sum(totals.values())
+        seq = self.get_seq_length()
+        return {
+            "bits": self.bits,
+            "seq_length": seq,
+            "compressed_tokens": compressed_tokens,
+            **{f"{k}_bytes": v for k, v in totals.items()},
+            "compressed_resident_bytes": totals["codes"] + totals["metadata"],
+            "accounted_bytes": accounted,
+            "resident_bytes": resident,
+            "fp16_bytes": fp16,
+            "saved_fraction": 1 - resident / fp16 if fp16 else 0.0,
+            "per_layer": per_layer,
+        }

@@ -1,0 +1,107 @@
+"""Attach spectralkv to a model with an accelerate ``ModelHook``: no model code is patched, detach restores it.
+
+The hook's ``pre_forward`` swaps the fresh, empty ``DynamicCache`` that ``generate`` creates (or the cache a plain
+forward would create) for a :class:`SpectralKVCache`; ``generate`` then carries our cache from step to step. A cache
+the user passed explicitly (``_is_user_defined``) or one that already holds tokens is never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+from transformers.cache_utils import DynamicCache
+
+from .cache import SpectralKVCache
+from .config import SpectralKVConfig
+
+
+class SpectralKVHook(ModelHook):
+    """Makes every forward with a cache use a fresh :class:`SpectralKVCache`."""
+
+    def __init__(self, model: Any, config: SpectralKVConfig, window: int | None, sink_tokens: int | None) -> None:
+        self.config = config
+        self.window = window
+        self.sink_tokens = sink_tokens
+        self._model_config = model.config
+
+    def new_cache(self) -> SpectralKVCache:
+        return SpectralKVCache(self._model_config, self.config, window=self.window, sink_tokens=self.sink_tokens)
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if not use_cache:
+            return args, kwargs
+        pkv = kwargs.get("past_key_values")
+        if pkv is None or (
+            type(pkv) is DynamicCache and not getattr(pkv, "_is_user_defined", False) and pkv.get_seq_length() == 0
+        ):
+            kwargs["past_key_values"] = self.new_cache()
+        return args, kwargs
+
+
+def _hooks_of(model: torch.nn.Module) -> list[ModelHook]:
+    hook = getattr(model, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(hook.hooks) if isinstance(hook, SequentialHook) else [hook]
+
+
+def is_attached(model: torch.nn.Module) -> bool:
+    return any(isinstance(h, SpectralKVHook) for h in _hooks_of(model))
+
+
+def attach(
+    model: torch.nn.Module,
+    config: SpectralKVConfig | str,
+    *,
+    bits: float | None = None,
+    window: int | None = None,
+    sink_tokens: int | None = None,
+) -> torch.nn.Module:
+    """Make ``model`` use a compressed KV cache in every ``generate``/forward with a cache.
+
+    ``config`` is a :class:`SpectralKVConfig` or a folder/Hub id to load one from. It is checked against the model
+    first. Attaching again replaces the previous spectralkv hook (other hooks, e.g. ``device_map``, are kept).
+    """
+    if not isinstance(config, SpectralKVConfig):
+        config = SpectralKVConfig.from_pretrained(config)
+    if getattr(model, "config", None) is None or not hasattr(model, "generate"):
+        raise TypeError(f"attach() needs a transformers generative model, got {type(model).__name__}.")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TypeError("attach() supports decoder-only models; this model is an encoder-decoder.")
+    config.check_compatible(model)
+    if bits is not None:
+        config = config.with_bits(bits)
+    hook = SpectralKVHook(model, config, window, sink_tokens)
+    hook.new_cache()  # validate window/sinks/budget now, not at the first generate
+    detach(model)
+    add_hook_to_module(model, hook, append=True)
+    return model
+
+
+def detach(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove spectralkv's hook only; any other accelerate hooks stay in place. No-op if not attached."""
+    hooks = _hooks_of(model)
+    if not any(isinstance(h, SpectralKVHook) for h in hooks):
+        return model
+    others = [h for h in hooks if not isinstance(h, SpectralKVHook)]
+    remove_hook_from_module(model)
+    for h in others:
+        add_hook_to_module(model, h, append=True)
+    return model
+
+
+@contextmanager
+def attached(model: torch.nn.Module, config: SpectralKVConfig | str, **kwargs: Any) -> Iterator[torch.nn.Module]:
+    """``with attached(model, cfg): ...`` for pipelines and apps; detaches on exit, even on error."""
+    attach(model, config, **kwargs)
+    try:
+        yield model
+    finally:
+        detach(model)

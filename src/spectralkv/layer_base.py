@@ -1,0 +1,215 @@
+"""A cache layer that keeps sinks and a recent window in full precision and compresses everything in between.
+
+Shared by spectralkv and the baselines (KIVI-style, TurboQuant-style) so every method is compared with the same
+sinks, the same window and the same flushing rule; only the ``TokenStore`` (how compressed tokens are held) differs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+FLUSH_CHUNK = 1024  # tokens encoded at once when a long prefill is flushed (bounds temporary memory)
+
+
+class GrowableBuffer:
+    """``[B, capacity, *tail]`` tensor grown in fixed chunks along dim 1 (no full-cache ``torch.cat`` per step)."""
+
+    def __init__(self, chunk: int = 128) -> None:
+        self.chunk = chunk
+        self.data: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        n = x.shape[1]
+        if self.data is None:
+            cap = -(-n // self.chunk) * self.chunk
+            self.data = torch.empty(x.shape[0], cap, *x.shape[2:], dtype=x.dtype, device=x.device)
+        elif self.length + n > self.data.shape[1]:
+            cap = -(-(self.length + n) // self.chunk) * self.chunk
+            grown = torch.empty(self.data.shape[0], cap, *self.data.shape[2:], dtype=self.data.dtype,
+                                device=self.data.device)
+            grown[:, : self.length] = self.data[:, : self.length]
+            self.data = grown
+        self.data[:, self.length : self.length + n] = x
+        self.length += n
+
+    def view(self) -> torch.Tensor | None:
+        return None if self.data is None else self.data[:, : self.length]
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.data is not None:
+            self.data = self.data.index_select(0, index.to(self.data.device))
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes (allocated capacity)."""
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+
+class TokenStore(ABC):
+    """How one method holds compressed keys (or values) of one layer."""
+
+    #: tokens must be flushed into the store in multiples of this (KIVI quantizes keys in groups of tokens)
+    flush_multiple: int = 1
+
+    @abstractmethod
+    def append(self, x: torch.Tensor) -> None:
+        """Compress and store ``[B, H, n, D]`` (``n`` a multiple of ``flush_multiple``)."""
+
+    @abstractmethod
+    def decode(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """All stored tokens as ``[B, H, N, D]`` in ``dtype`` (None when empty)."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep/reorder/repeat batch rows by ``index`` (beam search, num_return_sequences)."""
+
+    @abstractmethod
+    def memory(self) -> dict[str, int]:
+        """Resident bytes by part: ``{"codes": ..., "metadata": ...}``."""
+
+    @abstractmethod
+    def bits_per_token(self) -> float:
+        """Bits the method's accounting promises per compressed token (all heads), codes and metadata."""
+
+
+StoreFactory = Callable[[], TokenStore]
+
+
+class CompressedLayer(DynamicLayer):
+    """Full-precision sinks + compressed middle + full-precision recent window.
+
+    ``self.keys`` / ``self.values`` hold the recent window (model dtype); tokens leave the window into the store
+    oldest first. ``update`` returns the cache as it was before the call (decoded) followed by the new tokens in full
+    precision, so the forward that writes tokens attends to them exactly (prefill is never degraded).
+    """
+
+    is_croppable = False  # a flushed token cannot be restored to full precision, so a rollback would leave a trace
+
+    def __init__(self, key_store: StoreFactory, value_store: StoreFactory, sink_tokens: int, window: int) -> None:
+        super().__init__()
+        self._factories = (key_store, value_store)
+        self.sink_tokens = int(sink_tokens)
+        self.window = int(window)
+        self.cumulative_length = 0
+        self.key_store: TokenStore | None = None
+        self.value_store: TokenStore | None = None
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(b, h, 0, d)
+        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.sink_keys, self.sink_values = self.keys, self.values
+        self.key_store, self.value_store = self._factories[0](), self._factories[1]()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = self._assemble(self.sink_keys, self.key_store, self.keys, key_states)
+        values = self._assemble(self.sink_values, self.value_store, self.values, value_states)
+        self._ingest(key_states, value_states)
+        return keys, values
+
+    def _assemble(self, sinks: torch.Tensor, store: TokenStore, recent: torch.Tensor, new: torch.Tensor
+                  ) -> torch.Tensor:
+        parts = [p for p in (sinks, store.decode(new.dtype), recent, new) if p is not None and p.shape[2] > 0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        self.cumulative_length += n
+        room = max(0, self.sink_tokens - self.sink_keys.shape[2])
+        if room:
+            self.sink_keys = torch.cat([self.sink_keys, k[:, :, :room]], dim=2)
+            self.sink_values = torch.cat([self.sink_values, v[:, :, :room]], dim=2)
+            k, v = k[:, :, room:], v[:, :, room:]
+        if k.shape[2] == 0:
+            return
+        self.keys = torch.cat([self.keys, k], dim=2)
+        self.values = torch.cat([self.values, v], dim=2)
+        multiple = max(self.key_store.flush_multiple, self.value_store.flush_multiple)
+        overflow = (self.keys.shape[2] - self.window) // multiple * multiple
+        if overflow <= 0:
+            return
+        chunk = max(multiple, FLUSH_CHUNK // multiple * multiple)
+        for start in range(0, overflow, chunk):
+            stop = min(overflow, start + chunk)
+            self.key_store.append(self.keys[:, :, start:stop])
+            self.value_store.append(self.values[:, :, start:stop])
+        self.keys = self.keys[:, :, overflow:].contiguous()
+        self.values = self.values[:, :, overflow:].contiguous()
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    # -- batch manipulation (exact on codes: no lossy round trip) ---------------------------------------------------
+    def _select(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.sink_keys = self.sink_keys.index_select(0, index)
+        self.sink_values = self.sink_values.index_select(0, index)
+        self.key_store.select_batch(index)
+        self.value_store.select_batch(index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(torch.as_tensor(indices))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "A compressed KV cache cannot be cropped back to full precision, so assisted/speculative decoding is not "
+            "supported with spectralkv. Generate without `assistant_model`, or detach spectralkv first."
+        )
+
+    def reset(self) -> None:
+        self.cumulative_length = 0
+        self.keys = self.values = None
+        self.key_store = self.value_store = None
+        self.sink_keys = self.sink_values = None
+        self.is_initialized = False
+
+    # -- accounting ------------------------------------------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        """Resident bytes of this layer by part, and token counts."""
+        if not self.is_initialized:
+            return {"codes": 0, "metadata": 0, "sinks": 0, "window": 0, "compressed_tokens": 0, "fp_tokens": 0}
+        ks, vs = self.key_store.memory(), self.value_store.memory()
+
+        def nb(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        return {
+            "codes": ks["codes"] + vs["codes"],
+            "metadata": ks["metadata"] + vs["metadata"],
+            "sinks": nb(self.sink_keys) + nb(self.sink_values),
+            "window": nb(self.keys) + nb(self.values),
+            "compressed_tokens": len(self.key_store),
+            "fp_tokens": self.sink_keys.shape[2] + self.keys.shape[2],
+        }
