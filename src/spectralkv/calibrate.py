@@ -110,7 +110,10 @@ def calibrate(
     fp = fingerprint(model)
     layers = compressed_layers(fp)
     if not layers:
-        raise ValueError("This model has no full-attention layers: nothing for spectralkv to compress.")
+        raise ValueError(
+            "Every layer of this model is a sliding-window layer; spectralkv keeps those windows in full precision "
+            "(their memory is bounded by the window), so there is nothing to compress."
+        )
     h, hq, d = fp["num_key_value_heads"], fp["num_attention_heads"], fp["head_dim"]
     ids = calibration_tokens(tokenizer, text)
     if len(ids) < tokens + heldout_tokens:
