@@ -26,7 +26,16 @@ if TYPE_CHECKING:
     from .hooks import attach, attached, detach
     from .models import load_model
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "SpectralKVConfig",
+    "SpectralKVCache",
+    "attach",
+    "detach",
+    "attached",
+    "calibrate",
+    "load_model",
+]
 
 
 def __getattr__(name: str) -> Any:

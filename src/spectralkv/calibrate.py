@@ -201,7 +201,6 @@ def calibrate(
         l: _Heldout(torch.cat(held[l]["q"]), torch.cat(held[l]["k"]), torch.cat(held[l]["v"]), scaling[l], w_o[l])
         for l in layers
     }
-    del held
 
     # 4. codebooks and measured distortion, per scale mode ------------------------------------------------------------
     variants: dict[bool, dict[str, Any]] = {}

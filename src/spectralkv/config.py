@@ -129,8 +129,8 @@ class SpectralKVConfig:
 
     def _budget_too_small(self, bits: float) -> str:
         return (
-            f"A budget of {bits} bits per coordinate is too small for this calibration: its per-token fp16 scales alone "
-            f"cost {self.min_bits:.3f} bits per coordinate. Choose a budget above {self.min_bits:.3f}."
+            f"A budget of {bits} bits per coordinate is too small for this calibration: its per-token fp16 scales "
+            f"alone cost {self.min_bits:.3f} bits per coordinate. Choose a budget above {self.min_bits:.3f}."
         )
 
     def tensor(self, layer: int, kind: str, name: str) -> torch.Tensor:

@@ -37,7 +37,9 @@ def default_model_path() -> tuple[str, str]:
 
 def _require_gguf() -> None:
     if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("Loading a GGUF model needs the `gguf` package: `pip install gguf` (or `spectralkv[gguf]`).")
+        raise ModelLoadError(
+            "Loading a GGUF model needs the `gguf` package: `pip install gguf` (or `pip install spectralkv[gguf]`)."
+        )
 
 
 def load_model(
