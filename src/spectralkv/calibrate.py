@@ -29,6 +29,7 @@ from .config import KINDS, SpectralKVConfig, tensor_name
 from .fingerprint import check_supported, compressed_layers, fingerprint
 from .moments import MomentAccumulator, eigh_descending, participation_ratio
 from .quantizer import SCALE_FLOOR
+from .sensitivity import attention_output_gradients, fisher_error
 from .text import calibration_tokens, windows
 
 KEY_WEIGHT_GRID = tuple(2.0**e for e in range(-6, 7))
@@ -70,18 +71,20 @@ def _token_scaled(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return z / s, s
 
 
-def attention_output_error(
+def attention_output_delta(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor,
     scaling: float, w_o: torch.Tensor | None,
-) -> float:
-    """Relative squared error of causal attention outputs (after ``o_proj`` when known) with quantized K/V."""
+) -> tuple[torch.Tensor, float]:
+    """Change of causal attention outputs (after ``o_proj`` when known), ``[S, T, hidden]``, with quantized K/V,
+    and its relative squared size."""
     def attend(kk: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
         o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scaling, enable_gqa=True)
         o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
         return o if w_o is None else o @ w_o.T
 
     ref = attend(k, v)
-    return float((attend(k_hat, v_hat) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+    dy = attend(k_hat, v_hat) - ref
+    return dy, float(dy.pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
 
 def calibrate(
@@ -99,9 +102,16 @@ def calibrate(
     progress: bool = True,
     base_model: str | None = None,
     base_model_revision: str | None = None,
+    weighting: str = "fisher",
 ) -> SpectralKVConfig:
-    """Calibrate ``model`` on ``text`` and return a config serving budget ``bits`` (and any other budget)."""
+    """Calibrate ``model`` on ``text`` and return a config serving budget ``bits`` (and any other budget).
+
+    ``weighting="fisher"`` (default) weights each layer's key and value errors by their measured effect on the
+    next-token loss (gradients on held-out text); ``"output"`` by relative attention-output error only.
+    """
     bits = check_budget(bits)
+    if weighting not in ("fisher", "output"):
+        raise ValueError(f"`weighting` must be 'fisher' or 'output', got {weighting!r}.")
     check_supported(model)
     if seq_len <= sink_tokens:
         raise ValueError(f"`seq_len` ({seq_len}) must exceed `sink_tokens` ({sink_tokens}).")
@@ -226,15 +236,17 @@ def calibrate(
                 dist[(l, kind)] = distortion_table(z_held, table, scale)
         variants[token_scale] = {"codebooks": cbs, "distortion": dist}
 
-    # 5. choose key weight and scale mode by measured attention-output error at the target budget ---------------------
-    def build(token_scale: bool, key_weight: float) -> SpectralKVConfig:
+    # 5. per-layer K and V weights, scale mode and K/V balance, chosen by measured error at the target budget ---------
+    grads = attention_output_gradients(model, held_seqs, layers, progress) if weighting == "fisher" else {}
+
+    def build(token_scale: bool, multipliers: dict[tuple[int, str], float], key_weight: float) -> SpectralKVConfig:
         t = dict(tensors)
         for l in layers:
             for kind in KINDS:
                 t[tensor_name(l, kind, "codebooks")] = variants[token_scale]["codebooks"][(l, kind)]
                 t[tensor_name(l, kind, "distortion")] = variants[token_scale]["distortion"][(l, kind)].float()
-                if kind == "k":
-                    t[tensor_name(l, kind, "weights")] = tensors[tensor_name(l, kind, "weights")] * key_weight
+                mult = multipliers.get((l, kind), 1.0) * (key_weight if kind == "k" else 1.0)
+                t[tensor_name(l, kind, "weights")] = tensors[tensor_name(l, kind, "weights")] * mult
                 t[tensor_name(l, kind, "bits")] = torch.zeros(h, d, dtype=torch.uint8)
         cfg = SpectralKVConfig(
             base_model=base_model or getattr(model.config, "spectralkv_base_model", None)
@@ -247,33 +259,57 @@ def calibrate(
             t[tensor_name(l, kind, "bits")] = b
         return cfg
 
+    def layer_error(cfg: SpectralKVConfig, quant: dict, l: int, kinds: tuple[str, ...]) -> tuple[float, float]:
+        """(loss-weighted error, relative output error) of layer ``l`` with ``kinds`` quantized."""
+        ho = heldout[l]
+        hat = {"k": ho.k, "v": ho.v}
+        for kind in kinds:
+            x = getattr(ho, kind)
+            xh = quant[(l, kind)].fake_quantize(x)
+            xh[:, :, :sink_tokens] = x[:, :, :sink_tokens]
+            hat[kind] = xh
+        dy, rel = attention_output_delta(ho.q, ho.k, ho.v, hat["k"], hat["v"], ho.scaling, ho.w_o)
+        loss_err = fisher_error(grads[l], dy) if grads else rel
+        return loss_err, rel
+
     def heldout_error(cfg: SpectralKVConfig) -> tuple[float, list[float]]:
         quant = cfg.quantizers()
-        per_layer = []
-        for l in layers:
-            ho = heldout[l]
-            hat = {}
-            for kind in KINDS:
-                x = getattr(ho, kind)
-                xh = quant[(l, kind)].fake_quantize(x)
-                xh[:, :, :sink_tokens] = x[:, :, :sink_tokens]
-                hat[kind] = xh
-            per_layer.append(attention_output_error(ho.q, ho.k, ho.v, hat["k"], hat["v"], ho.scaling, ho.w_o))
-        return float(sum(per_layer) / len(per_layer)), per_layer
+        errs = [layer_error(cfg, quant, l, KINDS) for l in layers]
+        return float(sum(e[0] for e in errs)), [e[1] for e in errs]
+
+    def fit_multipliers(token_scale: bool, rounds: int = 2) -> dict[tuple[int, str], float]:
+        """Per (layer, kind) factor turning the static weights into measured loss-weighted error per unit of
+        predicted distortion (measured with only that layer's keys, or values, quantized)."""
+        mult: dict[tuple[int, str], float] = {}
+        for _ in range(rounds):
+            cfg = build(token_scale, mult, 1.0)
+            quant = cfg.quantizers()
+            wd = cfg.weighted_distortion()
+            alloc = cfg.allocation()
+            for l in layers:
+                for kind in KINDS:
+                    b = alloc[(l, kind)].long().unsqueeze(-1)
+                    predicted = float(torch.gather(wd[(l, kind)], -1, b).sum())
+                    measured = layer_error(cfg, quant, l, (kind,))[0]
+                    old = mult.get((l, kind), 1.0)
+                    mult[(l, kind)] = old * (measured + 1e-30) / (predicted + 1e-30) if predicted > 0 else old
+        return mult
 
     search = []
     best: tuple[float, SpectralKVConfig, list[float]] | None = None
-    grid = [(ts, kw) for ts in (False, True) for kw in KEY_WEIGHT_GRID]
-    for ts, kw in tqdm(grid, desc="calibration: K/V split", disable=not progress):
-        if ts and bits * 2 * h * d <= 16 * 2 * h:  # the scales alone would eat the budget
-            continue
-        cfg = build(ts, kw)
-        err, per_layer = heldout_error(cfg)
-        split = cfg.kv_split()
-        search.append({"token_scale": ts, "key_weight": kw, "heldout_output_error": err, **split})
-        if best is None or err < best[0]:
-            best = (err, cfg, per_layer)
-    assert best is not None  # the grid is never empty (token_scale=False always runs)
+    modes = [ts for ts in (False, True) if not (ts and bits * d <= 16)]  # skip scales that would eat the budget
+    grid = KEY_WEIGHT_GRID if weighting == "output" else (0.5, 1.0, 2.0)
+    for ts in tqdm(modes, desc="calibration: allocation search", disable=not progress):
+        mult = fit_multipliers(ts) if weighting == "fisher" else {}
+        for kw in grid:
+            cfg = build(ts, mult, kw)
+            err, per_layer = heldout_error(cfg)
+            search.append({"token_scale": ts, "key_weight": kw, "heldout_error": err,
+                           "mean_relative_output_error": sum(per_layer) / len(per_layer), **cfg.kv_split()})
+            if best is None or err < best[0]:
+                best = (err, cfg, per_layer)
+    if best is None:
+        raise RuntimeError("No allocation could be evaluated; this is a bug, please report it.")
     err, cfg, per_layer = best
     for row, e in zip(measured_layers, per_layer, strict=True):
         row["heldout_output_error"] = e
@@ -285,13 +321,15 @@ def calibrate(
         "sink_tokens": sink_tokens,
         "seed": seed,
         "codebook_granularity": "per layer and K/V",
+        "weighting": weighting,
         "spectralkv_version": __version__,
     }
     fp16_bytes = 2 * 2 * len(layers) * h * d
     cfg.measured = {
         "layers": measured_layers,
         "kv_split_search": search,
-        "chosen": {"token_scale": cfg.token_scale, "key_weight": cfg.key_weight, "heldout_output_error": err,
+        "chosen": {"token_scale": cfg.token_scale, "key_weight": cfg.key_weight, "heldout_error": err,
+                   "weighting": weighting, "mean_relative_output_error": sum(per_layer) / len(per_layer),
                    **cfg.kv_split()},
         "bytes_per_token": cfg.bytes_per_token(),
         "fp16_bytes_per_token": fp16_bytes,

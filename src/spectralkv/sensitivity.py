@@ -28,7 +28,7 @@ def attention_output_gradients(
     """
     wanted = set(layers)
     attn_modules = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         idx = getattr(module, "layer_idx", None)
         if idx in wanted and output_projection(module) is not None and idx not in attn_modules:
             attn_modules[idx] = module
