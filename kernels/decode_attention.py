@@ -1,0 +1,478 @@
+"""Fused decode attention straight from packed spectral codes (Triton), split-K ("flash-decoding") in two stages.
+
+The math is in :mod:`spectralkv.kernels.ref` (``decode_attention_ref``, which is also the CPU path). Here:
+
+* Host prologue (one batched product, ``O(B * Hq * D^2)``): ``[q @ Dec_k^T, q . mu_k]``, the query rotated once
+  into the key basis plus its dot product with the key mean (a per-head constant for all compressed tokens: it
+  cancels inside their softmax and is added back to their log-sum-exp in stage 2). The kernels fold the softmax
+  scale and ``log2(e)`` in and work in base 2.
+* Stage 1, grid ``(B, Hkv, compressed splits + 1)``: a program owns one KV head of one sequence and serves all
+  ``G`` query heads of the GQA group (padded to 16 rows for ``tl.dot``). A compressed split walks its contiguous
+  range of tokens in tiles of ``BLOCK_T``: decode key codes per coordinate (byte gather, shift, mask, centroid table
+  lookup ``tl.load(table + nbits * 256 + code)``), scores ``q_rot . centroids`` times the token scale, online
+  softmax in base 2, and the probability-weighted sum of value centroids (times the value scale) in the rotated
+  basis. The last split is the full-precision tokens (sinks + recent window + new token, model dtype, original
+  basis), the same online softmax over ``[B, Hkv, W, D]`` tensors. Each split writes its unnormalised accumulator,
+  running max and running sum; an empty split (past the end, or fully masked) writes max ``-inf`` and sum 0.
+* Stage 2, grid ``(B, Hkv)``: merges the compressed splits by log-sum-exp in the rotated basis, un-rotates once
+  (``o_rot @ Dec_v + mu_v``), merges the full-precision split by log-sum-exp in the original basis, and writes
+  ``[B, Hq, D]`` in the query dtype.
+
+So a decode step is three launches: the query product and the two stages. The launcher is registered as the
+``torch.library`` op ``spectralkv::decode_attention_packed`` (``triton_op`` + ``wrap_triton``), so
+``torch.compile`` can trace it.
+
+Lookup mode (constexpr ``UNPACK``): ``"gather"`` reads each coordinate's one or two bytes straight from global memory
+(served by L1, since a tile's bytes are contiguous); ``"register"`` loads the head's bytes of a tile once,
+coalesced, and spreads them to coordinates with ``tl.gather`` in registers. Both then look the centroid up in
+global memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .layout import TABLE_COLS, SpectralTables, tables_for
+from .ref import LOG2E, PackedSide, _check
+
+UNPACK_MODES = ("gather", "register")
+
+
+@triton.jit
+def _centroids(
+    codes_ptr, row_off, tmask,  # row_off [BLOCK_T, 1] int64 offsets of the tile's rows
+    nb, bidx, sh,  # [BLOCK_D] int32 per-coordinate bits, absolute byte index, shift
+    head_off, head_bytes, table_ptr,  # the head's first byte and byte count in the row
+    TABLE_STRIDE: tl.constexpr,
+    UNPACK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_HB: tl.constexpr,
+):
+    """``[BLOCK_T, BLOCK_D]`` centroids (0 for 0-bit or padded coordinates) of one head for a tile of tokens."""
+    active = nb > 0
+    spills = active & (sh + nb > 8)
+    if UNPACK == "register":
+        offs_j = tl.arange(0, BLOCK_HB)
+        raw = tl.load(codes_ptr + row_off + head_off + offs_j[None, :],
+                      mask=tmask[:, None] & (offs_j < head_bytes)[None, :], other=0).to(tl.int32)
+        rel = tl.where(active, bidx - head_off, 0)
+        rel_hi = tl.where(spills, rel + 1, 0)
+        lo = tl.gather(raw, tl.broadcast_to(rel[None, :], (BLOCK_T, BLOCK_D)), axis=1)
+        hi = tl.gather(raw, tl.broadcast_to(rel_hi[None, :], (BLOCK_T, BLOCK_D)), axis=1)
+        hi = tl.where(spills[None, :], hi, 0)
+    else:
+        ptrs = codes_ptr + row_off + bidx[None, :]
+        lo = tl.load(ptrs, mask=tmask[:, None] & active[None, :], other=0).to(tl.int32)
+        hi = tl.load(ptrs + 1, mask=tmask[:, None] & spills[None, :], other=0).to(tl.int32)
+    code = ((lo | (hi << 8)) >> sh[None, :]) & ((1 << nb) - 1)[None, :]
+    return tl.load(table_ptr + (nb * TABLE_STRIDE)[None, :] + code)
+
+
+@triton.jit
+def _stage1_kernel(
+    qx_ptr,  # [B, Hkv, G, D + 1] float32: [q @ Dec_k^T, q . mu_k] (rotated query and mean term, unscaled)
+    q_ptr, sq_b, sq_h, sq_d,  # the query [B, Hq, D] in its own dtype (for the full-precision split)
+    kc_ptr, skc_b, skc_t,  # key codes [B, N, row_bytes_k] uint8 (last stride 1)
+    ks_ptr, sks_b, sks_t, sks_h,  # key scales [B, N, Hkv] fp16
+    vc_ptr, svc_b, svc_t,
+    vs_ptr, svs_b, svs_t, svs_h,
+    k_nb_ptr, k_bi_ptr, k_sh_ptr, k_hoff_ptr, k_hb_ptr, k_tab_ptr,  # key tables ([Hkv, D] x3, [Hkv] x2, [9, 256])
+    v_nb_ptr, v_bi_ptr, v_sh_ptr, v_hoff_ptr, v_hb_ptr, v_tab_ptr,
+    cm_ptr, scm_b, scm_t,  # compressed-token mask [B, N] (nonzero = attend), read when HAS_COMP_MASK
+    kf_ptr, skf_b, skf_h, skf_t, skf_d,  # full-precision keys [B, Hkv, W, D] (model dtype)
+    vf_ptr, svf_b, svf_h, svf_t, svf_d,
+    fm_ptr, sfm_b, sfm_t,  # full-precision mask [B, W], read when HAS_FP_MASK
+    acc_ptr, m_ptr, l_ptr,  # [B, Hkv, S, G, D], [B, Hkv, S, G] float32
+    N, W, split_len, n_comp_splits, qk_scale,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    HAS_COMP_MASK: tl.constexpr,
+    HAS_FP_MASK: tl.constexpr,
+    UNPACK: tl.constexpr,
+    TABLE_STRIDE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HB_K: tl.constexpr,
+    BLOCK_HB_V: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    n_kv = tl.num_programs(1)
+    n_split = tl.num_programs(2)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    gmask = offs_g < G
+    dmask = offs_d < HEAD_DIM
+    gd_mask = gmask[:, None] & dmask[None, :]
+    bh = b * n_kv + h
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    if s < n_comp_splits:
+        # compressed tokens: scores and values from codes, in the rotated basis
+        q = tl.load(qx_ptr + (bh * G + offs_g[:, None]) * (HEAD_DIM + 1) + offs_d[None, :], mask=gd_mask, other=0.0)
+        q = q * qk_scale
+        meta = h * HEAD_DIM + offs_d
+        k_nb = tl.load(k_nb_ptr + meta, mask=dmask, other=0)
+        k_bi = tl.load(k_bi_ptr + meta, mask=dmask, other=0)
+        k_sh = tl.load(k_sh_ptr + meta, mask=dmask, other=0)
+        k_hoff = tl.load(k_hoff_ptr + h)
+        k_hb = tl.load(k_hb_ptr + h)
+        v_nb = tl.load(v_nb_ptr + meta, mask=dmask, other=0)
+        v_bi = tl.load(v_bi_ptr + meta, mask=dmask, other=0)
+        v_sh = tl.load(v_sh_ptr + meta, mask=dmask, other=0)
+        v_hoff = tl.load(v_hoff_ptr + h)
+        v_hb = tl.load(v_hb_ptr + h)
+        start = s * split_len
+        end = tl.minimum(start + split_len, N)
+        for t0 in range(start, end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tmask = offs_t < end
+            if HAS_COMP_MASK:
+                keep = tl.load(cm_ptr + b * scm_b + offs_t * scm_t, mask=tmask, other=0)
+                tmask = tmask & (keep != 0)
+            offs_t64 = offs_t.to(tl.int64)
+            ck = _centroids(kc_ptr, b * skc_b + offs_t64[:, None] * skc_t, tmask, k_nb, k_bi, k_sh, k_hoff, k_hb,
+                            k_tab_ptr, TABLE_STRIDE, UNPACK, BLOCK_T, BLOCK_D, BLOCK_HB_K)
+            sc = tl.dot(q, tl.trans(ck), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
+            if K_SCALE:
+                sk = tl.load(ks_ptr + b * sks_b + offs_t64 * sks_t + h * sks_h, mask=tmask, other=0.0)
+                sc = sc * sk.to(tl.float32)[None, :]
+            sc = tl.where(tmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(sc - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            cv = _centroids(vc_ptr, b * svc_b + offs_t64[:, None] * svc_t, tmask, v_nb, v_bi, v_sh, v_hoff, v_hb,
+                            v_tab_ptr, TABLE_STRIDE, UNPACK, BLOCK_T, BLOCK_D, BLOCK_HB_V)
+            if V_SCALE:
+                sv = tl.load(vs_ptr + b * svs_b + offs_t64 * svs_t + h * svs_h, mask=tmask, other=0.0)
+                p = p * sv.to(tl.float32)[None, :]
+            acc = acc * alpha[:, None] + tl.dot(p, cv, input_precision="ieee")
+            m_i = m_new
+    else:
+        # the full-precision split (sinks, recent window, new token): plain attention in the original basis
+        qh = h * G + offs_g
+        q = tl.load(q_ptr + b * sq_b + qh[:, None] * sq_h + offs_d[None, :] * sq_d, mask=gd_mask, other=0.0)
+        q = q.to(tl.float32) * qk_scale
+        for t0 in range(0, W, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tmask = offs_t < W
+            if HAS_FP_MASK:
+                keep = tl.load(fm_ptr + b * sfm_b + offs_t * sfm_t, mask=tmask, other=0)
+                tmask = tmask & (keep != 0)
+            td_mask = tmask[:, None] & dmask[None, :]
+            kf = tl.load(kf_ptr + b * skf_b + h * skf_h + offs_t[:, None] * skf_t + offs_d[None, :] * skf_d,
+                         mask=td_mask, other=0.0).to(tl.float32)
+            sc = tl.dot(q, tl.trans(kf), input_precision="ieee")
+            sc = tl.where(tmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(sc - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vf = tl.load(vf_ptr + b * svf_b + h * svf_h + offs_t[:, None] * svf_t + offs_d[None, :] * svf_d,
+                         mask=td_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, vf, input_precision="ieee")
+            m_i = m_new
+
+    part = (bh * n_split + s) * G + offs_g
+    tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_mask)
+    tl.store(m_ptr + part, m_i, mask=gmask)
+    tl.store(l_ptr + part, l_i, mask=gmask)
+
+
+@triton.jit
+def _stage2_kernel(
+    acc_ptr, m_ptr, l_ptr,  # stage-1 partials: compressed splits 0..n_comp_splits-1, then the full-precision one
+    qx_ptr,  # [B, Hkv, G, D + 1] float32: column D is q . mu_k
+    dec_ptr, vmean_ptr,  # value decoder [Hkv, D, D], value mean [Hkv, D] float32
+    out_ptr, so_b, so_h, so_d,  # [B, Hq, D], query head = h * G + g
+    n_comp_splits, qk_scale,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    n_kv = tl.num_programs(1)
+    n_split = n_comp_splits + HAS_WINDOW
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    gmask = offs_g < G
+    dmask = offs_d < HEAD_DIM
+    gd_mask = gmask[:, None] & dmask[None, :]
+    bh = b * n_kv + h
+
+    # compressed splits: log-sum-exp merge in the rotated basis
+    m_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    for s in range(n_comp_splits):
+        m_s = tl.load(m_ptr + (bh * n_split + s) * G + offs_g, mask=gmask, other=float("-inf"))
+        m_max = tl.maximum(m_max, m_s)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_tot = tl.zeros([BLOCK_G], dtype=tl.float32)
+    o_rot = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for s in range(n_comp_splits):
+        part = (bh * n_split + s) * G + offs_g
+        w = tl.exp2(tl.load(m_ptr + part, mask=gmask, other=float("-inf")) - m_use)
+        l_tot += w * tl.load(l_ptr + part, mask=gmask, other=0.0)
+        o_rot += w[:, None] * tl.load(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=gd_mask, other=0.0)
+    has_c = l_tot > 0
+    l_safe = tl.where(has_c, l_tot, 1.0)
+    o_rot = o_rot / l_safe[:, None]
+    qmu = tl.load(qx_ptr + (bh * G + offs_g) * (HEAD_DIM + 1) + HEAD_DIM, mask=gmask, other=0.0) * qk_scale
+    lse_c = tl.where(has_c, m_use + tl.log2(l_safe) + qmu, float("-inf"))
+
+    # un-rotate once: o = o_rot @ Dec_v + mu_v
+    dec = tl.load(dec_ptr + h * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=dmask[:, None] & dmask[None, :], other=0.0)
+    vmean = tl.load(vmean_ptr + h * HEAD_DIM + offs_d, mask=dmask, other=0.0)
+    out = tl.dot(o_rot, dec, input_precision="ieee") + vmean[None, :]
+    if HAS_WINDOW:
+        # the full-precision split, in the original basis
+        part = (bh * n_split + n_comp_splits) * G + offs_g
+        m_w = tl.load(m_ptr + part, mask=gmask, other=float("-inf"))
+        l_w = tl.load(l_ptr + part, mask=gmask, other=0.0)
+        has_w = l_w > 0
+        lw_safe = tl.where(has_w, l_w, 1.0)
+        o_w = tl.load(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=gd_mask, other=0.0) / lw_safe[:, None]
+        lse_w = tl.where(has_w, m_w + tl.log2(lw_safe), float("-inf"))
+        top = tl.maximum(lse_c, lse_w)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        wc = tl.exp2(lse_c - top)
+        ww = tl.exp2(lse_w - top)
+        denom = wc + ww
+        out = (wc[:, None] * out + ww[:, None] * o_w) / tl.where(denom > 0, denom, 1.0)[:, None]
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # round to nearest even by hand: the interpreter truncates fp32 -> bf16 (GPUs round); same bits everywhere
+        bits = out.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        out = bits.to(tl.float32, bitcast=True)
+    qh = h * G + offs_g
+    tl.store(out_ptr + b * so_b + qh[:, None] * so_h + offs_d[None, :] * so_d, out.to(out_ptr.dtype.element_ty),
+             mask=gd_mask)
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(max(1, n)))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_num_splits(batch: int, kv_heads: int, n: int, block_t: int, device: torch.device) -> int:
+    """Enough splits to give every SM about two programs, but at least 4 tiles per split."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    want = max(1, -(-2 * sms // max(1, batch * kv_heads)))
+    return max(1, min(want, -(-n // (4 * block_t)), 256))
+
+
+def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def _decode_attention_launch(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor | None,
+    k_nbits: torch.Tensor,
+    k_byte_index: torch.Tensor,
+    k_shift: torch.Tensor,
+    k_head_offset: torch.Tensor,
+    k_head_bytes: torch.Tensor,
+    k_centroids: torch.Tensor,
+    k_decoder_mean: torch.Tensor,
+    k_max_head_bytes: int,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor | None,
+    v_nbits: torch.Tensor,
+    v_byte_index: torch.Tensor,
+    v_shift: torch.Tensor,
+    v_head_offset: torch.Tensor,
+    v_head_bytes: torch.Tensor,
+    v_centroids: torch.Tensor,
+    v_decoder: torch.Tensor,
+    v_mean: torch.Tensor,
+    v_max_head_bytes: int,
+    k_fp: torch.Tensor | None,
+    v_fp: torch.Tensor | None,
+    comp_mask: torch.Tensor | None,
+    fp_mask: torch.Tensor | None,
+    scaling: float,
+    num_splits: int,
+    block_t: int,
+    unpack: str,
+    num_warps: int,
+) -> torch.Tensor:
+    """Owns shapes, strides and grids (flat tensor arguments so it can be a ``torch.library`` op)."""
+    b, hq, d = q.shape
+    hkv = k_nbits.shape[0]
+    g = hq // hkv
+    n = k_codes.shape[1]
+    w = k_fp.shape[2] if k_fp is not None else 0
+    has_window = w > 0
+    n_comp = num_splits if n > 0 else 0
+    dev = q.device
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
+    # the only host-side math: [q @ Dec_k^T, q . mu_k] in one batched product
+    qx = torch.einsum("bhgd,hed->bhge", q.float().view(b, hkv, g, d), k_decoder_mean).contiguous()
+    split_len = -(-max(n, 1) // max(n_comp, 1))
+    split_len = -(-split_len // block_t) * block_t
+    n_split = n_comp + int(has_window)
+    acc = torch.empty(b, hkv, n_split, g, d, dtype=torch.float32, device=dev)
+    m = torch.empty(b, hkv, n_split, g, dtype=torch.float32, device=dev)
+    l = torch.empty_like(m)
+    ks = k_scales if k_scales is not None else k_codes
+    vs = v_scales if v_scales is not None else v_codes
+    cm = comp_mask.view(torch.uint8) if comp_mask is not None and comp_mask.dtype == torch.bool else comp_mask
+    fm = fp_mask.view(torch.uint8) if fp_mask is not None and fp_mask.dtype == torch.bool else fp_mask
+    kf = k_fp if has_window else q
+    vf = v_fp if has_window else q
+    qk_scale = scaling * LOG2E
+    block_g, block_d = _pow2(g), _pow2(d)
+    if n_split:
+        wrap_triton(_stage1_kernel)[(b, hkv, n_split)](
+            qx,
+            q, q.stride(0), q.stride(1), q.stride(2),
+            k_codes, k_codes.stride(0), k_codes.stride(1),
+            ks, *_strides(k_scales, 3),
+            v_codes, v_codes.stride(0), v_codes.stride(1),
+            vs, *_strides(v_scales, 3),
+            k_nbits, k_byte_index, k_shift, k_head_offset, k_head_bytes, k_centroids,
+            v_nbits, v_byte_index, v_shift, v_head_offset, v_head_bytes, v_centroids,
+            cm if cm is not None else k_codes, *_strides(cm, 2),
+            kf, *(kf.stride() if has_window else (0,) * 4),
+            vf, *(vf.stride() if has_window else (0,) * 4),
+            fm if fm is not None else k_codes, *_strides(fm, 2),
+            acc, m, l,
+            n, w, split_len, n_comp, qk_scale,
+            G=g,
+            HEAD_DIM=d,
+            K_SCALE=k_scales is not None,
+            V_SCALE=v_scales is not None,
+            HAS_COMP_MASK=cm is not None,
+            HAS_FP_MASK=fm is not None,
+            UNPACK=unpack,
+            TABLE_STRIDE=TABLE_COLS,
+            BLOCK_G=block_g,
+            BLOCK_D=block_d,
+            BLOCK_T=block_t,
+            BLOCK_HB_K=_pow2(k_max_head_bytes),
+            BLOCK_HB_V=_pow2(v_max_head_bytes),
+            num_warps=num_warps,
+        )
+    wrap_triton(_stage2_kernel)[(b, hkv)](
+        acc, m, l, qx,
+        v_decoder, v_mean,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        n_comp, qk_scale,
+        G=g,
+        HEAD_DIM=d,
+        HAS_WINDOW=has_window,
+        BLOCK_G=block_g,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return out
+
+
+OP_NAME = "spectralkv::decode_attention_packed"
+if hasattr(torch.ops.spectralkv, "decode_attention_packed"):  # module imported twice (e.g. reloaded)
+    _decode_attention_op = torch.ops.spectralkv.decode_attention_packed
+else:
+    _decode_attention_op = triton_op(OP_NAME, mutates_args=())(_decode_attention_launch)
+
+
+def decode_attention_launch(
+    q: torch.Tensor,
+    kt: SpectralTables,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor | None,
+    vt: SpectralTables,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor | None,
+    k_fp: torch.Tensor | None,
+    v_fp: torch.Tensor | None,
+    comp_mask: torch.Tensor | None,
+    fp_mask: torch.Tensor | None,
+    scaling: float,
+    *,
+    num_splits: int | None = None,
+    block_t: int = 32,
+    unpack: str = "gather",
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Check and flatten the arguments and run the ``spectralkv::decode_attention_packed`` op (arguments as in
+    :func:`decode_attention`, with the quantizers replaced by their :class:`SpectralTables`)."""
+    if unpack not in UNPACK_MODES:
+        raise ValueError(f"unpack must be one of {UNPACK_MODES}, got {unpack!r}.")
+    if block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}.")
+    if k_codes.stride(-1) != 1 or v_codes.stride(-1) != 1:
+        raise ValueError("code rows must be contiguous in their last dimension.")
+    b, hq, d = q.shape
+    if num_splits is None:
+        num_splits = default_num_splits(b, kt.num_heads, k_codes.shape[1], block_t, q.device)
+    if k_fp is not None and k_fp.shape[2] == 0:
+        k_fp = v_fp = fp_mask = None
+    if k_codes.shape[1] == 0 and k_fp is None:
+        raise ValueError("no tokens to attend to.")
+    return _decode_attention_op(
+        q,
+        k_codes, k_scales, kt.nbits, kt.byte_index, kt.shift, kt.head_offset, kt.head_bytes, kt.centroids,
+        kt.decoder_mean, kt.max_head_bytes,
+        v_codes, v_scales, vt.nbits, vt.byte_index, vt.shift, vt.head_offset, vt.head_bytes, vt.centroids,
+        vt.decoder, vt.mean, vt.max_head_bytes,
+        k_fp, v_fp, comp_mask, fp_mask, float(scaling), max(1, int(num_splits)), int(block_t), unpack,
+        int(num_warps),
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: PackedSide,
+    v: PackedSide,
+    k_fp: torch.Tensor | None = None,
+    v_fp: torch.Tensor | None = None,
+    comp_mask: torch.Tensor | None = None,
+    fp_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    *,
+    num_splits: int | None = None,
+    block_t: int = 32,
+    unpack: str = "gather",
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Triton version of :func:`spectralkv.kernels.ref.decode_attention_ref` (same arguments and result).
+
+    Extra keywords: ``num_splits`` (compressed-token splits per sequence and KV head; default from the SM count),
+    ``block_t`` (tokens per tile, a power of two >= 16), ``unpack`` (``"gather"`` or ``"register"``, see the module
+    docstring), ``num_warps`` (per program; untuned: at head_dim 128 stage 1 compiles to ~250 registers per thread
+    with 4 warps and no spills, see :mod:`spectralkv.kernels.aot`).
+    """
+    _, _, _, d = _check(q, k, v, k_fp, v_fp)
+    scaling = d**-0.5 if scaling is None else float(scaling)
+    kt, vt = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
+    return decode_attention_launch(q, kt, k.codes, k.scales, vt, v.codes, v.scales, k_fp, v_fp, comp_mask, fp_mask,
+                                   scaling, num_splits=num_splits, block_t=block_t, unpack=unpack,
+                                   num_warps=num_warps)
+
+
+__all__ = ["OP_NAME", "UNPACK_MODES", "decode_attention", "decode_attention_launch", "default_num_splits"]

@@ -1,0 +1,115 @@
+"""Per-coordinate lookup tables that let one kernel read and write any regime layout (pure PyTorch, no Triton).
+
+A :class:`~spectralkv.quantizer.SpectralQuantizer` packs each KV head's row slice as regimes (contiguous runs of
+coordinates with one bit width, LSB-first bit streams, byte-aligned; see :mod:`spectralkv.packing`). The regimes
+differ from head to head, so a kernel program, which handles one KV head, cannot specialise on them at compile
+time. Instead every coordinate ``e`` (packing order) of head ``h`` gets:
+
+* ``nbits[h, e]``: its bit width (0 = not stored, decodes to the mean);
+* ``byte_index[h, e]``: the row byte holding its first bit (absolute within the row: head offset included);
+* ``shift[h, e]``: the position of that bit within the byte.
+
+A code is ``((row[i] | row[i + 1] << 8) >> shift) & (2**nbits - 1)`` with ``i = byte_index``; the second byte is only
+read when ``shift + nbits > 8`` (so never past the end of the row). This is the regime layout flattened: it decodes
+exactly what :func:`spectralkv.packing.unpack` decodes.
+
+Codebooks become two ``[9, 256]`` tables indexed by ``nbits * 256 + code``: ``centroids`` (row 0 all zeros, so a
+0-bit coordinate reconstructs to 0 in the rotated basis, i.e. to the mean) and ``boundaries`` (row ``b``: the
+``2**b - 1`` decision boundaries of the ``b``-bit codebook, computed exactly as :func:`spectralkv.codebook.quantize`
+computes them, padded with ``+inf``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from spectralkv import codebook as cb
+from spectralkv.quantizer import SpectralQuantizer
+
+TABLE_ROWS = cb.MAX_BITS + 1
+TABLE_COLS = cb.CODEBOOK_SIZE
+
+
+@dataclass(frozen=True)
+class SpectralTables:
+    """Everything a kernel needs about one quantizer, as tensors on one device (see the module docstring)."""
+
+    num_heads: int
+    head_dim: int
+    row_bytes: int
+    max_head_bytes: int
+    token_scale: bool
+    nbits: torch.Tensor  # [H, D] int32
+    byte_index: torch.Tensor  # [H, D] int32, absolute in the row
+    shift: torch.Tensor  # [H, D] int32
+    head_offset: torch.Tensor  # [H] int32
+    head_bytes: torch.Tensor  # [H] int32
+    centroids: torch.Tensor  # [9, 256] float32, row 0 zeros
+    boundaries: torch.Tensor  # [9, 256] float32, +inf padded
+    mean: torch.Tensor  # [H, D] float32
+    encoder: torch.Tensor  # [H, D, D] float32: z = (x - mean) @ encoder[h]
+    decoder: torch.Tensor  # [H, D, D] float32: x = mean + z @ decoder[h]
+    decoder_mean: torch.Tensor  # [H, D + 1, D] float32: decoder rows, then the mean (q @ it.T = [q_rot, q . mean])
+
+
+def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> SpectralTables:
+    """Build the lookup tables of ``q`` on ``device`` (use :func:`tables_for` to reuse them)."""
+    h, d = q.num_heads, q.head_dim
+    nbits = torch.zeros(h, d, dtype=torch.int32)
+    byte_index = torch.zeros(h, d, dtype=torch.int32)
+    shift = torch.zeros(h, d, dtype=torch.int32)
+    head_bytes = torch.zeros(h, dtype=torch.int32)
+    for head in range(h):
+        base = q.head_byte_offsets[head]
+        for r in q.regimes[head]:
+            j = torch.arange(r.count, dtype=torch.int32)
+            bit = j * r.bits
+            sl = slice(r.start, r.start + r.count)
+            nbits[head, sl] = r.bits
+            byte_index[head, sl] = base + r.byte_offset + bit // 8
+            shift[head, sl] = bit % 8
+            head_bytes[head] += r.nbytes
+    centroids = torch.zeros(TABLE_ROWS, TABLE_COLS, dtype=torch.float32)
+    boundaries = torch.full((TABLE_ROWS, TABLE_COLS), float("inf"), dtype=torch.float32)
+    for b in range(1, TABLE_ROWS):
+        centroids[b] = q.codebooks[b - 1].float()
+        bnd = cb.boundaries(q.codebooks.float(), b)
+        boundaries[b, : bnd.numel()] = bnd
+    dev = torch.device(device)
+    return SpectralTables(
+        num_heads=h,
+        head_dim=d,
+        row_bytes=q.row_bytes,
+        max_head_bytes=int(head_bytes.max()) if h else 0,
+        token_scale=q.token_scale,
+        nbits=nbits.to(dev),
+        byte_index=byte_index.to(dev),
+        shift=shift.to(dev),
+        head_offset=torch.tensor(q.head_byte_offsets, dtype=torch.int32, device=dev),
+        head_bytes=head_bytes.to(dev),
+        centroids=centroids.to(dev),
+        boundaries=boundaries.to(dev),
+        mean=q.mean.float().contiguous().to(dev),
+        encoder=q.encoder.float().contiguous().to(dev),
+        decoder=q.decoder.float().contiguous().to(dev),
+        decoder_mean=torch.cat([q.decoder.float(), q.mean.float()[:, None, :]], dim=1).contiguous().to(dev),
+    )
+
+
+_TABLES: weakref.WeakKeyDictionary[SpectralQuantizer, dict[torch.device, SpectralTables]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def tables_for(q: SpectralQuantizer, device: torch.device | str) -> SpectralTables:
+    """The tables of ``q`` on ``device``, built once and kept as long as the quantizer lives."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    per_device = _TABLES.setdefault(q, {})
+    if dev not in per_device:
+        per_device[dev] = build_tables(q, dev)
+    return per_device[dev]

@@ -1,0 +1,144 @@
+"""PyTorch references for the Triton kernels; also the production path on CPU (pure PyTorch, never imports Triton).
+
+Decode attention straight from packed codes, for one query token per sequence. With ``k = mu + z_hat @ Dec`` (the
+quantizer's decoder, rows indexed by packing-order coordinates) and ``z_hat = s * centroid[code]``::
+
+    q . k = q . mu + z_hat . (Dec q) = q . mu + s * sum_e q_rot[e] * centroid[code_e],   q_rot = q @ Dec^T
+
+so the query is rotated once per step, and the score of a compressed token needs only its codes, its scale and a
+table lookup per coordinate (``q . mu`` is the same for every compressed token of a head). For the values,
+``sum_t p_t v_t = (sum_t p_t) mu_v + (sum_t p_t z_hat_t) @ Dec_v``: the softmax-weighted sum is accumulated in the
+rotated basis and un-rotated once at the end.
+
+The full-precision tokens (sinks, recent window and the new token) are an ordinary attention over model-dtype
+tensors; here they share one softmax with the compressed tokens, which makes the reference equal, up to fp32
+rounding, to SDPA over ``SpectralQuantizer.decode`` output concatenated with those tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from spectralkv.quantizer import SpectralQuantizer
+
+from .layout import SpectralTables, tables_for
+
+LOG2E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class PackedSide:
+    """Compressed keys (or values) of one layer as stored: code rows, optional fp16 per-token scales."""
+
+    quantizer: SpectralQuantizer
+    codes: torch.Tensor  # [B, N, row_bytes] uint8
+    scales: torch.Tensor | None  # [B, N, H] fp16
+
+    @property
+    def length(self) -> int:
+        return self.codes.shape[1]
+
+
+def encode_ref(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference for :func:`spectralkv.kernels.encode.spectral_encode`: the quantizer's own encoder."""
+    return quantizer.encode(x)
+
+
+def decode_rotated_ref(tables: SpectralTables, codes: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """Packed rows ``[B, N, row_bytes]`` -> standardised rotated coordinates ``[B, H, N, D]`` (float32).
+
+    Same numbers as :meth:`SpectralQuantizer.decode_rotated`, computed the way the kernels do (one byte gather per
+    coordinate through the layout tables, all heads and regimes at once) instead of regime by regime.
+    """
+    h, d = tables.num_heads, tables.head_dim
+    if codes.shape[-1] == 0:  # every coordinate at 0 bits
+        z = codes.new_zeros(codes.shape[0], codes.shape[1], h, d, dtype=torch.float32)
+    else:
+        flat = tables.byte_index.reshape(-1).long()
+        spills = (tables.nbits > 0) & (tables.shift + tables.nbits > 8)
+        lo = codes[..., flat].to(torch.int32)
+        hi = codes[..., (flat + 1).clamp_max(codes.shape[-1] - 1)].to(torch.int32) * spills.reshape(-1)
+        mask = (1 << tables.nbits.reshape(-1)) - 1
+        code = ((lo | (hi << 8)) >> tables.shift.reshape(-1)) & mask
+        z = tables.centroids.reshape(-1)[(tables.nbits.reshape(-1) * tables.centroids.shape[1]) + code]
+        z = z.view(codes.shape[0], codes.shape[1], h, d)
+    if scales is not None:
+        z = z * scales.float().unsqueeze(-1)
+    return z.transpose(1, 2)
+
+
+def _check(q: torch.Tensor, k: PackedSide, v: PackedSide, k_fp: torch.Tensor | None, v_fp: torch.Tensor | None
+           ) -> tuple[int, int, int, int]:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, query_heads, head_dim], got shape {tuple(q.shape)}.")
+    b, hq, d = q.shape
+    hkv = k.quantizer.num_heads
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads is not a multiple of {hkv} KV heads.")
+    if k.quantizer.head_dim != d or v.quantizer.head_dim != d or v.quantizer.num_heads != hkv:
+        raise ValueError("query, key and value quantizers disagree on heads or head_dim.")
+    if k.codes.shape[:2] != v.codes.shape[:2] or k.codes.shape[0] != b:
+        raise ValueError(f"key codes {tuple(k.codes.shape)} and value codes {tuple(v.codes.shape)} do not match "
+                         f"the batch of q ({b}).")
+    if (k_fp is None) != (v_fp is None):
+        raise ValueError("give both full-precision keys and values, or neither.")
+    return b, hq, hkv, d
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k: PackedSide,
+    v: PackedSide,
+    k_fp: torch.Tensor | None = None,
+    v_fp: torch.Tensor | None = None,
+    comp_mask: torch.Tensor | None = None,
+    fp_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """One decode step of attention over compressed and full-precision tokens.
+
+    Args:
+        q: ``[B, Hq, D]`` the new token's queries (``Hq`` a multiple of the ``Hkv`` KV heads).
+        k, v: the compressed keys and values (``N`` tokens, possibly 0).
+        k_fp, v_fp: ``[B, Hkv, W, D]`` full-precision keys and values (sinks, window, new token), or None.
+        comp_mask: ``[B, N]`` bool, True where a compressed token may be attended (None: all).
+        fp_mask: ``[B, W]`` bool, the same for the full-precision tokens.
+        scaling: softmax scale (default ``D ** -0.5``).
+
+    Returns ``[B, Hq, D]`` in ``q.dtype``.
+    """
+    b, hq, hkv, d = _check(q, k, v, k_fp, v_fp)
+    g = hq // hkv
+    scaling = d**-0.5 if scaling is None else float(scaling)
+    qf = q.float().view(b, hkv, g, d)
+    scores = []
+    n = k.length
+    if n:
+        tk, tv = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
+        q_rot = torch.einsum("bhgd,hed->bhge", qf, tk.decoder)
+        zk = decode_rotated_ref(tk, k.codes, k.scales)  # [B, Hkv, N, D]
+        sc = torch.einsum("bhge,bhne->bhgn", q_rot, zk) + torch.einsum("bhgd,hd->bhg", qf, tk.mean)[..., None]
+        sc = sc * scaling
+        if comp_mask is not None:
+            sc = sc.masked_fill(~comp_mask[:, None, None, :].bool(), float("-inf"))
+        scores.append(sc)
+    if k_fp is not None and k_fp.shape[2]:
+        sw = torch.einsum("bhgd,bhwd->bhgw", qf, k_fp.float()) * scaling
+        if fp_mask is not None:
+            sw = sw.masked_fill(~fp_mask[:, None, None, :].bool(), float("-inf"))
+        scores.append(sw)
+    if not scores:
+        raise ValueError("no tokens to attend to.")
+    p = torch.softmax(torch.cat(scores, -1), dim=-1)
+    out = torch.zeros(b, hkv, g, d, dtype=torch.float32, device=q.device)
+    if n:
+        pc = p[..., :n]
+        zv = decode_rotated_ref(tv, v.codes, v.scales)
+        out += torch.einsum("bhge,hed->bhgd", torch.einsum("bhgn,bhne->bhge", pc, zv), tv.decoder)
+        out += pc.sum(-1, keepdim=True) * tv.mean[None, :, None, :]
+    if p.shape[-1] > n:
+        out += torch.einsum("bhgw,bhwd->bhgd", p[..., n:], v_fp.float())
+    return out.reshape(b, hq, d).to(q.dtype)

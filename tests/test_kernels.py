@@ -1,0 +1,477 @@
+"""Triton kernels against their PyTorch references, on CPU under ``TRITON_INTERPRET=1`` (set in conftest).
+
+Shapes are tiny (the interpreter costs ~10 ms per program per tile) but odd: several bit mixes per layer (every
+width 0..8, different regimes per head), GQA groups 1/3/4, head_dim 64, 128 and 80 (not a power of two), ragged and
+left-padded masks, empty and fully masked splits. Integer codes must match exactly; floats get per-dtype tolerances
+measured on these shapes (fp32: kernel vs reference max error ~3e-6 on outputs of order 1).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from spectralkv.kernels.layout import tables_for
+from spectralkv.kernels.ref import PackedSide, decode_attention_ref, decode_rotated_ref
+
+from spectralkv import codebook as cb
+from spectralkv.codebook import fit_codebooks
+from spectralkv.packing import unpack
+from spectralkv.quantizer import SpectralQuantizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1",
+)
+
+# -- quantizers with chosen bit mixes -----------------------------------------------------------------------------
+# A mix is {bits: count or fraction of head_dim}, rounded to multiples of 8 (what the allocator guarantees); "rest"
+# fills head_dim.
+MIXES: dict[str, list[dict[int, Any]]] = {
+    "2bit": [{2: "rest"}],
+    "2.5bit": [{3: 0.5, 2: "rest"}, {4: 0.25, 2: "rest"}],
+    "3bit": [{3: "rest"}, {4: 0.25, 3: 0.25, 2: "rest"}],
+    "4bit": [{4: "rest"}, {5: 0.25, 3: "rest"}],
+    "small": [{4: 8, 2: "rest"}, {8: 8, 0: "rest"}],
+    "all-widths": [{8: 8, 7: 8, 6: 8, 5: 8, 4: 8, 3: 8, 1: 8, 0: "rest"}, {1: 0.5, 0: "rest"}, {7: 8, 3: "rest"}],
+}
+_CODEBOOKS: dict[int, torch.Tensor] = {}
+
+
+def _codebooks(seed: int) -> torch.Tensor:
+    if seed not in _CODEBOOKS:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(4096, generator=g)
+        x = torch.where(torch.rand(4096, generator=g) < 0.1, 3 * x, x)  # heavier tails than a Gaussian
+        _CODEBOOKS[seed] = fit_codebooks(x)
+    return _CODEBOOKS[seed]
+
+
+def _bits_row(mix: dict[int, Any], d: int, g: torch.Generator) -> torch.Tensor:
+    counts = {b: (8 * round(n * d / 8) if isinstance(n, float) else n) for b, n in mix.items() if n != "rest"}
+    rest = [b for b, n in mix.items() if n == "rest"]
+    if rest:
+        counts[rest[0]] = d - sum(counts.values())
+    assert all(n % 8 == 0 and n >= 0 for n in counts.values()) and sum(counts.values()) == d, (mix, d)
+    row = torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in counts.items()])
+    return row[torch.randperm(d, generator=g)]
+
+
+def make_quantizer(heads: int, d: int, mix: str, token_scale: bool = True, seed: int = 0) -> SpectralQuantizer:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(heads, d, d, generator=g)).Q
+    eig = torch.logspace(1, -2, d).expand(heads, d) * (1 + torch.rand(heads, d, generator=g))
+    mean = 2 * torch.randn(heads, d, generator=g)
+    bits = torch.stack([_bits_row(MIXES[mix][h % len(MIXES[mix])], d, g) for h in range(heads)])
+    return SpectralQuantizer(mean, basis, eig, _codebooks(seed % 2), bits, token_scale)
+
+
+def make_tokens(q: SpectralQuantizer, b: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``[B, H, N, D]`` tokens distributed roughly like the calibration (mean + basis x sqrt(eigenvalues))."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, q.num_heads, n, q.head_dim, generator=g)
+    z = z * (1 + torch.rand(b, q.num_heads, n, 1, generator=g))  # token-to-token scale variation
+    return z @ q.decoder[None] + q.mean[None, :, None, :]
+
+
+def codes_of(q: SpectralQuantizer, packed: torch.Tensor) -> torch.Tensor:
+    """Unpacked codes ``[B, T, H, D]`` (packing order; -1 for 0-bit coordinates)."""
+    b, t, _ = packed.shape
+    out = torch.full((b, t, q.num_heads, q.head_dim), -1, dtype=torch.long)
+    for h in range(q.num_heads):
+        for r in q.regimes[h]:
+            o = q.head_byte_offsets[h] + r.byte_offset
+            out[:, :, h, r.start : r.start + r.count] = unpack(packed[:, :, o : o + r.nbytes], r.bits, r.count)
+    return out
+
+
+def report(actual: torch.Tensor, expected: torch.Tensor, limit: int = 8) -> str:
+    idx = (actual != expected).nonzero()
+    rows = [f"  at {tuple(i.tolist())}: got {actual[tuple(i)].item()}, expected {expected[tuple(i)].item()}"
+            for i in idx[:limit]]
+    return f"{len(idx)} of {actual.numel()} differ:\n" + "\n".join(rows)
+
+
+# -- layout tables ----------------------------------------------------------------------------------------------------
+LAYOUT_CASES = [(m, 64) for m in sorted(MIXES) if m != "small"] + [("small", 16), ("all-widths", 80), ("3bit", 128)]
+
+
+@pytest.mark.parametrize("mix,d", LAYOUT_CASES, ids=str)
+def test_layout_tables_decode_like_unpack(mix: str, d: int) -> None:
+    """The per-coordinate (byte, shift, bits) tables the kernels use decode exactly what the regime unpacker does."""
+    q = make_quantizer(3, d, mix, token_scale=d != 80, seed=d)
+    x = make_tokens(q, 2, 9)
+    packed, scales = q.encode(x)
+    got = decode_rotated_ref(tables_for(q, "cpu"), packed, scales)
+    assert torch.equal(got, q.decode_rotated(packed, scales))
+
+
+# -- write path -----------------------------------------------------------------------------------------------------
+ENCODE_CASES = [  # (heads, head_dim, mix, token_scale, tokens)
+    (2, 64, "all-widths", True, 37),
+    (3, 64, "2.5bit", False, 19),
+    (2, 80, "all-widths", True, 21),
+    (1, 128, "3bit", True, 17),
+    (2, 16, "small", True, 5),
+]
+
+
+@pytest.mark.parametrize("heads,d,mix,token_scale,t", ENCODE_CASES, ids=lambda v: str(v))
+def test_encode_pack_stage_bit_exact(heads: int, d: int, mix: str, token_scale: bool, t: int) -> None:
+    """Given the reference's rotated coordinates and scales, bucketize + pack reproduce encode() byte for byte."""
+    from spectralkv.kernels.encode import encode_launch
+
+    q = make_quantizer(heads, d, mix, token_scale, seed=heads + d)
+    x = make_tokens(q, 2, t, seed=1)
+    ref_packed, ref_scales = q.encode(x)
+    z = q.rotate(x)
+    packed, scales = encode_launch(tables_for(q, "cpu"), z, rotate=False, scales=ref_scales)
+    assert torch.equal(packed, ref_packed), report(packed, ref_packed)
+    # codes on exact boundaries and far outside the codebook range
+    table = q.codebooks
+    edge = torch.stack([cb.boundaries(table, 3)[0], cb.centroids(table, 8)[-1] * 10, -1e6 * torch.ones(())])
+    z_edge = z.clone()
+    z_edge[..., :3] = edge * (ref_scales.transpose(1, 2).float()[..., None] if token_scale else 1)
+    ref_edge, edge_scales = _encode_given(q, z_edge)
+    packed_edge, _ = encode_launch(tables_for(q, "cpu"), z_edge, rotate=False, scales=edge_scales)
+    assert torch.equal(packed_edge, ref_edge), report(packed_edge, ref_edge)
+
+
+def _encode_given(q: SpectralQuantizer, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """encode() starting from given rotated coordinates (rotate() temporarily returns z)."""
+    original = q.rotate
+    try:
+        q.rotate = lambda x: z  # type: ignore[method-assign]
+        return q.encode(z)
+    finally:
+        q.rotate = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("heads,d,mix,token_scale,t", ENCODE_CASES[:4], ids=lambda v: str(v))
+def test_encode_full_path(heads: int, d: int, mix: str, token_scale: bool, t: int) -> None:
+    """Rotation inside the kernel: scales match, and codes match wherever z is not within 1e-5 of a boundary.
+
+    The kernel's fp32 product sums in another order than torch.einsum, so a coordinate within an ulp of a boundary
+    may legitimately flip (none did on CPU in 1M coordinates; on GPU expect a few per million)."""
+    from spectralkv.kernels.encode import spectral_encode
+
+    q = make_quantizer(heads, d, mix, token_scale, seed=heads * d)
+    x = make_tokens(q, 2, t, seed=2).to(torch.bfloat16)
+    ref_packed, ref_scales = q.encode(x)
+    packed, scales = spectral_encode(q, x)
+    same_scale = torch.ones(2, t, heads, dtype=torch.bool)
+    if token_scale:
+        ulp = (ref_scales.float().abs() * 2**-10).clamp_min(2**-24)
+        assert ((scales.float() - ref_scales.float()).abs() <= ulp).all(), report(scales, ref_scales)
+        same_scale = scales == ref_scales
+        assert same_scale.float().mean() > 0.99
+    z = q.rotate(x)
+    if token_scale:
+        z = z / ref_scales.transpose(1, 2).float()[..., None]
+    near = torch.zeros(2, heads, t, d, dtype=torch.bool)
+    for h in range(heads):
+        for r in q.regimes[h]:
+            bnd = cb.boundaries(q.codebooks, r.bits)
+            zz = z[:, h, :, r.start : r.start + r.count]
+            near[:, h, :, r.start : r.start + r.count] = (zz[..., None] - bnd).abs().amin(-1) <= 1e-5
+    got, want = codes_of(q, packed), codes_of(q, ref_packed)
+    check = same_scale[..., None] & ~near.permute(0, 2, 1, 3)
+    assert torch.equal(got[check], want[check]), report(got[check], want[check])
+    assert (got != want).float().mean() < 1e-3
+
+
+def test_encode_empty_and_shapes() -> None:
+    from spectralkv.kernels.encode import encode_launch, spectral_encode
+
+    q = make_quantizer(2, 64, "3bit")
+    packed, scales = spectral_encode(q, torch.zeros(3, 2, 0, 64))
+    assert packed.shape == (3, 0, q.row_bytes) and scales.shape == (3, 0, 2)
+    with pytest.raises(ValueError, match="heads"):
+        spectral_encode(q, torch.zeros(1, 3, 4, 64))
+    with pytest.raises(ValueError, match="block_t"):
+        encode_launch(tables_for(q, "cpu"), torch.zeros(1, 2, 4, 64), block_t=24)
+
+
+# -- decode attention -------------------------------------------------------------------------------------------------
+def make_case(
+    g: int, d: int, mix_k: str, mix_v: str, n: int, window: int, *, b: int = 2, hkv: int = 2, seed: int = 0,
+    k_scale: bool = True, v_scale: bool = True, dtype: torch.dtype = torch.float32, masks: str = "none",
+) -> dict[str, Any]:
+    """Query, compressed K/V (encoded by the reference), full-precision K/V and masks for one decode step."""
+    qk = make_quantizer(hkv, d, mix_k, k_scale, seed=seed)
+    qv = make_quantizer(hkv, d, mix_v, v_scale, seed=seed + 1)
+    kc, ks = qk.encode(make_tokens(qk, b, n, seed=seed + 2))
+    vc, vs = qv.encode(make_tokens(qv, b, n, seed=seed + 3))
+    gen = torch.Generator().manual_seed(seed + 4)
+    # queries correlated with the key mean (as real queries are), so scores are not all alike
+    q = (torch.randn(b, hkv * g, d, generator=gen) + 0.3 * qk.mean.repeat_interleave(g, 0)) * d**-0.25
+    k_fp = (torch.randn(b, hkv, window, d, generator=gen) + qk.mean[:, None]).to(dtype)
+    v_fp = torch.randn(b, hkv, window, d, generator=gen).to(dtype)
+    comp_mask = fp_mask = None
+    if masks == "ragged":  # row 0 left-padded into the compressed region, row 1 shorter (ragged end)
+        comp_mask = torch.ones(b, n, dtype=torch.bool)
+        comp_mask[0, : n // 3] = False
+        comp_mask[-1, n - n // 4 :] = False
+        fp_mask = torch.ones(b, window, dtype=torch.bool)
+        fp_mask[0, :2] = False  # the padded sinks
+    elif masks == "row-empty":  # one sequence with no visible compressed token at all
+        comp_mask = torch.ones(b, n, dtype=torch.bool)
+        comp_mask[0] = False
+    elif masks == "holes":  # arbitrary pattern
+        comp_mask = torch.rand(b, n, generator=gen) > 0.3
+    return dict(q=q.to(dtype), k=PackedSide(qk, kc, ks), v=PackedSide(qv, vc, vs), k_fp=k_fp, v_fp=v_fp,
+                comp_mask=comp_mask, fp_mask=fp_mask)
+
+
+def sdpa_over_decoded(case: dict[str, Any]) -> torch.Tensor:
+    """Plain SDPA over SpectralQuantizer.decode output + the full-precision tokens (fp32)."""
+    k, v = case["k"], case["v"]
+    keys = torch.cat([k.quantizer.decode(k.codes, k.scales, torch.float32), case["k_fp"].float()], 2)
+    values = torch.cat([v.quantizer.decode(v.codes, v.scales, torch.float32), case["v_fp"].float()], 2)
+    b, n = k.codes.shape[:2]
+    w = case["k_fp"].shape[2]
+    cm = case["comp_mask"] if case["comp_mask"] is not None else torch.ones(b, n, dtype=torch.bool)
+    fm = case["fp_mask"] if case["fp_mask"] is not None else torch.ones(b, w, dtype=torch.bool)
+    mask = torch.cat([cm, fm], 1)[:, None, None, :]
+    q = case["q"].float()[:, :, None]
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)[:, :, 0]
+
+
+REF_CASES = [  # (g, d, mix_k, mix_v, n, window, k_scale, v_scale, masks)
+    (1, 64, "3bit", "2bit", 40, 6, True, True, "none"),
+    (3, 64, "all-widths", "2.5bit", 33, 5, True, False, "ragged"),
+    (4, 80, "4bit", "all-widths", 24, 3, False, True, "holes"),
+    (4, 64, "2bit", "2bit", 0, 4, True, True, "none"),
+]
+
+
+@pytest.mark.parametrize("g,d,mix_k,mix_v,n,window,k_scale,v_scale,masks", REF_CASES, ids=lambda v: str(v))
+def test_reference_equals_sdpa_over_decode(g: int, d: int, mix_k: str, mix_v: str, n: int, window: int,
+                                           k_scale: bool, v_scale: bool, masks: str) -> None:
+    case = make_case(g, d, mix_k, mix_v, n, window, k_scale=k_scale, v_scale=v_scale, masks=masks)
+    torch.testing.assert_close(decode_attention_ref(**case), sdpa_over_decoded(case), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_without_window_and_scaling() -> None:
+    case = make_case(2, 64, "3bit", "3bit", 20, 1)
+    case["k_fp"] = case["v_fp"] = None
+    expected = make_case(2, 64, "3bit", "3bit", 20, 1)
+    expected["fp_mask"] = torch.zeros(2, 1, dtype=torch.bool)
+    torch.testing.assert_close(decode_attention_ref(**case), sdpa_over_decoded(expected), atol=1e-5, rtol=1e-5)
+    out = decode_attention_ref(**{**case, "scaling": 0.05})
+    assert not torch.allclose(out, decode_attention_ref(**case))
+
+
+# The kernel may be off the fp32 reference by at most twice what the same-dtype reference is off (flash-attention's
+# rule; in bf16/fp16 both are the final rounding) plus this floor. Measured on KERNEL_CASES: fp32 max error <= 3.4e-6
+# on outputs up to 7; bf16 and fp16 errors equal the reference's.
+ABS_FLOOR = 2e-5
+
+KERNEL_CASES = [  # (g, d, mix_k, mix_v, n, window, splits, block_t, masks, dtype, unpack, scales)
+    (1, 64, "2bit", "2bit", 50, 4, 1, 16, "none", torch.float32, "gather", (True, True)),
+    (3, 64, "all-widths", "2.5bit", 70, 37, 3, 16, "ragged", torch.float32, "gather", (True, False)),
+    (4, 64, "3bit", "4bit", 45, 3, 7, 16, "none", torch.float32, "register", (False, True)),  # 4 empty splits
+    (4, 128, "4bit", "3bit", 40, 5, 2, 32, "holes", torch.bfloat16, "gather", (True, True)),
+    (3, 80, "all-widths", "all-widths", 30, 2, 2, 16, "row-empty", torch.float16, "register", (True, True)),
+    (1, 64, "2.5bit", "2bit", 1, 1, 1, 16, "none", torch.float32, "gather", (False, False)),
+]
+
+
+@pytest.mark.parametrize("g,d,mix_k,mix_v,n,window,splits,block_t,masks,dtype,unpack,scales", KERNEL_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_decode_attention_kernel(g: int, d: int, mix_k: str, mix_v: str, n: int, window: int, splits: int,
+                                 block_t: int, masks: str, dtype: torch.dtype, unpack: str,
+                                 scales: tuple[bool, bool]) -> None:
+    from spectralkv.kernels.decode_attention import decode_attention
+
+    case = make_case(g, d, mix_k, mix_v, n, window, k_scale=scales[0], v_scale=scales[1], dtype=dtype, masks=masks,
+                     seed=g + d + n)
+    out = decode_attention(**case, num_splits=splits, block_t=block_t, unpack=unpack)
+    assert out.dtype == dtype and out.shape == case["q"].shape
+    exact = decode_attention_ref(**{**case, "q": case["q"].float(), "k_fp": case["k_fp"].float(),
+                                    "v_fp": case["v_fp"].float()})
+    same_dtype_err = (decode_attention_ref(**case).float() - exact).abs().max().item()
+    err = (out.float() - exact).abs()
+    assert err.max().item() <= 2 * same_dtype_err + ABS_FLOOR, (
+        f"max error {err.max().item():.3g} at {tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))}, "
+        f"reference in {dtype} is off by {same_dtype_err:.3g}"
+    )
+
+
+def test_decode_attention_kernel_without_window_and_empty() -> None:
+    from spectralkv.kernels.decode_attention import decode_attention
+
+    case = make_case(2, 64, "3bit", "3bit", 20, 1, b=1)
+    no_window = {**case, "k_fp": None, "v_fp": None, "fp_mask": None}
+    torch.testing.assert_close(decode_attention(**no_window, num_splits=2), decode_attention_ref(**no_window),
+                               atol=2e-5, rtol=1e-5)
+    empty = {**case, "k": PackedSide(case["k"].quantizer, case["k"].codes[:, :0], case["k"].scales[:, :0]),
+             "v": PackedSide(case["v"].quantizer, case["v"].codes[:, :0], case["v"].scales[:, :0]),
+             "comp_mask": None}
+    torch.testing.assert_close(decode_attention(**empty), decode_attention_ref(**empty), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unpack"):
+        decode_attention(**case, unpack="shuffle")
+
+
+def test_ops_registered() -> None:
+    import spectralkv.kernels.decode_attention  # noqa: F401
+    import spectralkv.kernels.encode  # noqa: F401
+
+    assert hasattr(torch.ops.spectralkv, "decode_attention_packed")
+    assert hasattr(torch.ops.spectralkv, "encode_packed")
+
+
+def test_kernels_compile_for_h100() -> None:
+    """The interpreter is lenient: check that the GPU compiler (with the ptxas in the Triton wheel) lowers every
+    kernel to an sm_90 cubin without spills. Runs in a subprocess without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from spectralkv.kernels.aot import compile_all\n"
+            "for c in compile_all(90, (64,)): print(c.name, c.spills)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 4, out.stdout
+    assert all(line.split()[-1] in ("0", "None") for line in lines if line), out.stdout
+
+
+# -- integration ------------------------------------------------------------------------------------------------------
+def test_import_does_not_load_triton() -> None:
+    code = (
+        "import sys, spectralkv, spectralkv.kernels, spectralkv.kernels.ref, spectralkv.kernels.layout, "
+        "spectralkv.fused; print('triton' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _generate(model: Any, cache: Any, attn: str, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    model.set_attn_implementation(attn)
+    return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5,
+                          do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+@pytest.fixture()
+def counted_attend(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the backend of every fused decode call."""
+    from spectralkv import fused
+
+    calls: list[str] = []
+    original = fused.DecodeSnapshot.attend
+
+    def attend(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(self.backend)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fused.DecodeSnapshot, "attend", attend)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_generate_matches_unfused(tiny_llama: Any, tiny_llama_calibration: Any, backend: str,
+                                        counted_attend: list[str]) -> None:
+    """Greedy decode, left-padded batch: fused attention (reference or Triton kernels) vs the unfused cache + SDPA."""
+    from spectralkv import SpectralKVCache
+    from spectralkv.fused import FUSED_ATTENTION, FusedSpectralKVCache, enable_fused
+
+    model, cfg = tiny_llama, tiny_llama_calibration
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 256, (2, 28), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding reaching past the sinks into the compressed tokens
+    previous = model.config._attn_implementation
+    try:
+        want = _generate(model, SpectralKVCache(model, cfg, window=8, sink_tokens=2), previous, ids, mask)
+        assert enable_fused(model) == previous
+        cache = FusedSpectralKVCache(model, cfg, window=8, sink_tokens=2, backend=backend)
+        got = _generate(model, cache, FUSED_ATTENTION, ids, mask)
+    finally:
+        model.set_attn_implementation(previous)
+    assert cache.memory_report()["compressed_tokens"] > 16  # compression really active
+    assert counted_attend == [backend] * 4 * 2  # every decode step (4 after prefill) of both layers ran fused
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits, strict=True)):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def test_handles_survive_other_attention(tiny_llama: Any, tiny_llama_calibration: Any) -> None:
+    """A fused cache under plain SDPA still gives the unfused results (the handles decode themselves)."""
+    from spectralkv import SpectralKVCache
+    from spectralkv.fused import FusedSpectralKVCache, PackedKV
+
+    model, cfg = tiny_llama, tiny_llama_calibration
+    ids = torch.randint(2, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    attn = model.config._attn_implementation
+    want = _generate(model, SpectralKVCache(model, cfg, window=4, sink_tokens=1), attn, ids, mask)
+    cache = FusedSpectralKVCache(model, cfg, window=4, sink_tokens=1, backend="torch")
+    got = _generate(model, cache, attn, ids, mask)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-5, rtol=1e-5)
+    k, v = cache.layers[0].update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    total = cache.layers[0].get_seq_length()
+    assert isinstance(k, PackedKV) and k.shape == (1, 2, total, 16) and torch.cat([k], 2).shape == (1, 2, total, 16)
+    assert k[:, :, -1].abs().sum() == 0 and v.float().shape == k.shape
+
+
+def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spectralkv import fused
+
+    cpu = torch.device("cpu")
+    assert not fused.use_triton("auto", cpu) and not fused.use_triton("torch", cpu)
+    assert fused.use_triton("triton", cpu)  # TRITON_INTERPRET=1 here
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fused.use_triton("triton", cpu)
+    monkeypatch.setenv("SPECTRALKV_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SPECTRALKV_BACKEND"):
+        fused.default_backend()
+    # CUDA without a usable Triton: reference, with one warning
+    monkeypatch.setattr(fused, "_TRITON_STATE", {"modules": None, "error": ImportError("no triton")})
+    with pytest.warns(RuntimeWarning, match="falls back"):
+        assert not fused.use_triton("auto", torch.device("cuda"))
+
+
+# -- benchmark script ---------------------------------------------------------------------------------------------
+def _bench_module() -> Any:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_decode
+    finally:
+        sys.path.pop(0)
+    return bench_decode
+
+
+def test_bench_script_help() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_decode.py"), "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--contexts" in out.stdout, out.stderr
+
+
+def test_bench_script_without_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                  tmp_path: Path) -> None:
+    bench = _bench_module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--contexts", "1k", "--batches", "1", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_script_parses(tmp_path: Path) -> None:
+    bench = _bench_module()
+    args = bench.parse_args(["--contexts", "1k", "128k", "--batches", "1", "16", "--bits", "2.5",
+                             "--out", str(tmp_path)])
+    assert args.contexts == [1024, 131072] and args.batches == [1, 16] and args.bits == [2.5]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--contexts", "lots"])
+    q = bench.make_quantizer(2, 64, 2.5, token_scale=True)
+    assert q.code_bits_per_token == 2 * 64 * 2.5
+    assert [r.bits for r in q.regimes[0]] == [3, 2]
