@@ -88,3 +88,15 @@ def smollm2_calibration(smollm2: tuple[Any, Any], tmp_path_factory: pytest.TempP
     folder = tmp_path_factory.mktemp("smollm2-skv")
     cfg.save_pretrained(folder)
     return SpectralKVConfig.from_pretrained(folder, model=model)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2() -> torch.nn.Module:
+    """Gemma2 alternates sliding-window and full-attention layers: 0 and 2 slide, 1 and 3 are full."""
+    return make_tiny("gemma2", num_hidden_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_calibration(tiny_gemma2: torch.nn.Module) -> Any:
+    """A calibration that compresses only some layers (1 and 3), at 4 bits."""
+    return tiny_calibrate(tiny_gemma2, bits=4.0)

@@ -237,8 +237,11 @@ class SpectralKVConfig:
             "measured": self.measured,
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, card: bool = True) -> Path:
-        """Write the calibration folder (config JSON, safetensors, model card). Returns the folder."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, card: bool = True, repo_id: str | None = None
+    ) -> Path:
+        """Write the calibration folder (config JSON, safetensors, model card). Returns the folder. ``repo_id``
+        names the Hub repo in the card's usage snippet (a placeholder otherwise)."""
         from safetensors.torch import save_file
 
         out = Path(save_directory)
@@ -260,7 +263,7 @@ class SpectralKVConfig:
         if card:
             from .card import render_card
 
-            (out / CARD_NAME).write_text(render_card(self), encoding="utf-8")
+            (out / CARD_NAME).write_text(render_card(self, repo_id=repo_id), encoding="utf-8")
         return out
 
     @classmethod
@@ -305,7 +308,7 @@ class SpectralKVConfig:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
+            self.save_pretrained(tmp, repo_id=repo_id)
             return api.upload_folder(
                 folder_path=tmp,
                 repo_id=repo_id,

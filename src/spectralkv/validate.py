@@ -68,12 +68,23 @@ def read_config_json(path: Path) -> dict[str, Any]:
         if not isinstance(fp.get(key), int) or fp[key] <= 0:
             _fail(f"{path.name}: fingerprint field {key!r} must be a positive integer, got {fp.get(key)!r}.")
     layers = data["compressed_layers"]
+    if not layers:
+        _fail(f"{path.name}: compressed_layers is empty; a calibration compresses at least one layer.")
     if not all(isinstance(i, int) and 0 <= i < fp["num_hidden_layers"] for i in layers) or len(set(layers)) != len(
         layers
     ):
         _fail(f"{path.name}: compressed_layers must be distinct layer indices below num_hidden_layers.")
     if data["group_size"] <= 0 or fp["head_dim"] % data["group_size"]:
         _fail(f"{path.name}: group_size {data['group_size']} must be positive and divide head_dim {fp['head_dim']}.")
+    # Checked here so a bad artifact is a CalibrationFormatError, not a ValueError from the config's constructor.
+    if not 0 < data["default_bits"] <= MAX_BITS:
+        _fail(f"{path.name}: default_bits must be in (0, {MAX_BITS}], got {data['default_bits']!r}.")
+    for key in ("sink_tokens", "window"):
+        if data[key] < 0:
+            _fail(f"{path.name}: {key} must be >= 0, got {data[key]}.")
+    for key in ("calibration", "measured"):
+        if not isinstance(data.get(key, {}), dict):
+            _fail(f"{path.name}: field {key!r} must be a JSON object.")
     return data
 
 
@@ -111,6 +122,8 @@ def check_header(path: Path, data: dict[str, Any]) -> None:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             _fail(f"{path.name} has a corrupt safetensors header.")
+    if not isinstance(header, dict):
+        _fail(f"{path.name} has a corrupt safetensors header (not a JSON object).")
     header.pop("__metadata__", None)
     expected = expected_shapes(data)
     missing = sorted(set(expected) - set(header))
@@ -122,6 +135,9 @@ def check_header(path: Path, data: dict[str, Any]) -> None:
     end = 0
     for name, (shape, dtype) in expected.items():
         info = header[name]
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            _fail(f"{path.name}: tensor {name!r} has a corrupt header entry.")
         if info.get("dtype") != dtype:
             _fail(f"{path.name}: tensor {name!r} has dtype {info.get('dtype')}, expected {dtype}.")
         if tuple(info.get("shape", ())) != shape:
@@ -173,6 +189,7 @@ def check_values(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None
 
 def load_validated(cls: Any, cfg_path: Path, tensors_path: Path, bits: float | None = None) -> Any:
     """Parse, verify and build a config; raise ``CalibrationFormatError`` with the reason on any problem."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     cfg_path, tensors_path = Path(cfg_path), Path(tensors_path)
@@ -191,7 +208,10 @@ def load_validated(cls: Any, cfg_path: Path, tensors_path: Path, bits: float | N
         _fail(f"{tensors_path.name} does not match the sha256 recorded in the config: the file is corrupt or was "
               "replaced. Re-download or re-create the calibration.")
     check_header(tensors_path, data)
-    tensors = load_file(str(tensors_path))
+    try:
+        tensors = load_file(str(tensors_path))
+    except SafetensorError as e:  # safetensors' own consistency checks (offsets vs. shapes, overlaps)
+        _fail(f"{tensors_path.name} could not be read ({e}): corrupt file.")
     check_values(tensors, data)
     cfg = cls(
         base_model=data["base_model"],
