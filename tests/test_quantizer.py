@@ -157,3 +157,15 @@ def test_regimes_are_contiguous_widest_first() -> None:
     assert [(r.bits, r.start, r.count, r.byte_offset) for r in q.regimes[0]] == [(5, 0, 8, 0), (2, 8, 16, 5)]
     assert [(r.bits, r.start, r.count, r.byte_offset) for r in q.regimes[1]] == [(8, 0, 8, 0)]
     assert q.head_byte_offsets == [0, 9] and q.row_bytes == 17
+
+
+@pytest.mark.parametrize("token_scale", [False, True])
+def test_fake_quantize_equals_encode_then_decode(tiny_llama_calibration: Any, tiny_kv: dict, token_scale: bool) -> None:
+    """Calibration scores allocations with fake_quantize (no packing); it must be exactly what the cache returns."""
+    cfg = tiny_llama_calibration
+    l = cfg.compressed_layers[0]
+    q = SpectralQuantizer(cfg.tensor(l, "k", "mean"), cfg.tensor(l, "k", "basis"), cfg.tensor(l, "k", "eigenvalues"),
+                          cfg.tensor(l, "k", "codebooks"), cfg.allocation()[(l, "k")], token_scale)
+    x = tiny_kv[(l, "k")]
+    packed, scales = q.encode(x)
+    assert torch.equal(q.fake_quantize(x), q.decode(packed, scales, x.dtype))

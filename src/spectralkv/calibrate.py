@@ -34,7 +34,7 @@ from .text import calibration_tokens, windows
 
 KEY_WEIGHT_GRID = tuple(2.0**e for e in range(-6, 7))
 SAMPLES_PER_SEQUENCE = 64
-MAX_CODEBOOK_SAMPLES = 1 << 19
+MAX_CODEBOOK_SAMPLES = 1 << 17
 
 
 @dataclass

@@ -23,6 +23,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     nbytes = packed_bytes(n, bits)
     if bits == 8:
         return codes.to(torch.uint8)
+    if bits in (1, 2, 4):  # codes never straddle a byte: shift whole groups of 8 // bits codes into each byte
+        per = 8 // bits
+        grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], nbytes, per)
+        shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
+        return (grouped << shifts).sum(-1).to(torch.uint8)
     shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
     bitstream = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., n, bits]
     bitstream = bitstream.reshape(*codes.shape[:-1], nbytes, 8)
@@ -37,6 +42,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     nbytes = packed_bytes(n, bits)
     if packed.shape[-1] != nbytes:
         raise ValueError(f"expected {nbytes} packed bytes for {n} codes of {bits} bits, got {packed.shape[-1]}")
+    if bits in (1, 2, 4):
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int32)
+        codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*packed.shape[:-1], n).long()
     shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
     bitstream = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., nbytes, 8]
     bitstream = bitstream.reshape(*packed.shape[:-1], n, bits)

@@ -150,6 +150,22 @@ class SpectralQuantizer:
         return (torch.einsum("bhte,hed->bhtd", z, dec) + mean[:, None, :]).to(dtype)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Encode then decode (what the cache will return for ``x``)."""
-        packed, scales = self.encode(x)
-        return self.decode(packed, scales, x.dtype)
+        """What the cache returns for ``x`` after encode + decode, without the (lossless) packing step.
+
+        Used by calibration, where the same tokens are quantized many times; equal to
+        ``decode(*encode(x))`` (the tests check it).
+        """
+        mean, _, dec, table = self._on(x.device)
+        z = self.rotate(x)
+        scales = None
+        if self.token_scale:
+            scales = z.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(SCALE_FLOOR).to(torch.float16).float()
+            z = z / scales
+        zq = torch.zeros_like(z)
+        for h in range(self.num_heads):
+            for r in self.regimes[h]:
+                sl = slice(r.start, r.start + r.count)
+                zq[:, h, :, sl] = cb.dequantize(cb.quantize(z[:, h, :, sl], table, r.bits), table, r.bits, z.dtype)
+        if scales is not None:
+            zq = zq * scales
+        return (torch.einsum("bhte,hed->bhtd", zq, dec) + mean[:, None, :]).to(x.dtype)
