@@ -46,6 +46,14 @@ class SpectralStore(TokenStore):
         return float(self.quantizer.bits_per_token)
 
 
+def left_padding(attention_mask: Any) -> torch.Tensor | None:
+    """Leading padding count per row of a 2-D ``[B, T]`` 0/1 mask (None if not such a mask or nothing is padded)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    pads = (attention_mask.detach().long().cumsum(-1) == 0).sum(-1).cpu()
+    return pads if bool((pads > 0).any()) else None
+
+
 def _model_config(model_or_config: Any) -> Any:
     config = getattr(model_or_config, "config", model_or_config)
     get = getattr(config, "get_text_config", None)
@@ -97,6 +105,19 @@ class SpectralKVCache(Cache):
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[lt](**kw))
         super().__init__(layers=layers)
+
+    def set_left_padding(self, attention_mask: torch.Tensor) -> None:
+        """Protect each row's own sinks in a left-padded batch; call before the prefill with its 2-D mask.
+
+        The hook does this for ``generate``; call it yourself when you pass this cache explicitly with a padded batch.
+        See :meth:`CompressedLayer.set_left_padding`.
+        """
+        pads = left_padding(attention_mask)
+        if pads is None:
+            return
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.set_left_padding(pads)
 
     @property
     def bits(self) -> float:

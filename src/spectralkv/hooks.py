@@ -41,7 +41,9 @@ class SpectralKVHook(ModelHook):
         if pkv is None or (
             type(pkv) is DynamicCache and not getattr(pkv, "_is_user_defined", False) and pkv.get_seq_length() == 0
         ):
-            kwargs["past_key_values"] = self.new_cache()
+            cache = self.new_cache()
+            cache.set_left_padding(kwargs.get("attention_mask"))  # keep each padded row's own sinks exact
+            kwargs["past_key_values"] = cache
         return args, kwargs
 
 

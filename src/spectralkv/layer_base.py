@@ -107,6 +107,9 @@ class CompressedLayer(DynamicLayer):
         self.value_store: TokenStore | None = None
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
+        # Left padding per row ([B] long) of a padded batch; see ``set_left_padding``.
+        self.left_padding: torch.Tensor | None = None
+        self._sinks_requantized = 0  # sink positions already checked by ``_requantize_padded_sinks``
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -115,6 +118,8 @@ class CompressedLayer(DynamicLayer):
         self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
         self.sink_keys, self.sink_values = self.keys, self.values
         self.key_store, self.value_store = self._factories[0](), self._factories[1]()
+        if self.left_padding is not None and self.left_padding.numel() != b:
+            raise ValueError(f"left padding was set for {self.left_padding.numel()} rows, but the batch has {b}.")
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -131,16 +136,38 @@ class CompressedLayer(DynamicLayer):
         parts = [p for p in (sinks, store.decode(new.dtype), recent, new) if p is not None and p.shape[2] > 0]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
+    def set_left_padding(self, left_padding: torch.Tensor) -> None:
+        """Declare the left padding of each row (``[B]`` counts) before the first ``update``.
+
+        Sinks are positional: without this, in a left-padded batch the first ``sink_tokens`` positions of a shorter
+        row are padding, and its real first tokens (the attention sink) get compressed. With it, the full-precision
+        region covers ``max(padding) + sink_tokens`` positions; positions in it beyond a row's own sinks are replaced
+        by their compressed round trip once they leave the recent window, exactly when the row generated alone would
+        compress them, so every row is cached as if it were generated alone.
+        """
+        if self.cumulative_length:
+            raise ValueError("set_left_padding must be called before the first update (the prefill).")
+        self.left_padding = torch.as_tensor(left_padding, dtype=torch.long).reshape(-1).cpu()
+
+    @property
+    def _sink_length(self) -> int:
+        pad = 0 if self.left_padding is None else int(self.left_padding.max())
+        return self.sink_tokens + pad
+
     def _ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[2]
         self.cumulative_length += n
-        room = max(0, self.sink_tokens - self.sink_keys.shape[2])
+        room = max(0, self._sink_length - self.sink_keys.shape[2])
         if room:
             self.sink_keys = torch.cat([self.sink_keys, k[:, :, :room]], dim=2)
             self.sink_values = torch.cat([self.sink_values, v[:, :, :room]], dim=2)
             k, v = k[:, :, room:], v[:, :, room:]
-        if k.shape[2] == 0:
-            return
+        if k.shape[2] > 0:
+            self._push_recent(k, v)
+        if self.left_padding is not None:
+            self._requantize_padded_sinks()
+
+    def _push_recent(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.keys = torch.cat([self.keys, k], dim=2)
         self.values = torch.cat([self.values, v], dim=2)
         multiple = max(self.key_store.flush_multiple, self.value_store.flush_multiple)
@@ -154,6 +181,26 @@ class CompressedLayer(DynamicLayer):
             self.value_store.append(self.values[:, :, start:stop])
         self.keys = self.keys[:, :, overflow:].contiguous()
         self.values = self.values[:, :, overflow:].contiguous()
+
+    def _requantize_padded_sinks(self) -> None:
+        """Round-trip the extra sink positions of less-padded rows that have left the recent window."""
+        if max(self.key_store.flush_multiple, self.value_store.flush_multiple) > 1:
+            return  # grouped stores quantize blocks of tokens: no per-token round trip, keep them exact
+        stop = min(self.sink_keys.shape[2], self.cumulative_length - self.window)
+        start = self._sinks_requantized
+        if stop <= start:
+            return
+        pos = torch.arange(start, stop)
+        own_sinks_end = (self.left_padding + self.sink_tokens).unsqueeze(1)  # [B, 1]
+        mask = (pos.unsqueeze(0) >= own_sinks_end).to(self.sink_keys.device)[:, None, :, None]  # [B, 1, n, 1]
+        if bool(mask.any()):
+            for name, factory in (("sink_keys", self._factories[0]), ("sink_values", self._factories[1])):
+                fp = getattr(self, name)
+                store = factory()
+                store.append(fp[:, :, start:stop])
+                rt = torch.where(mask, store.decode(fp.dtype), fp[:, :, start:stop])
+                setattr(self, name, torch.cat([fp[:, :, :start], rt, fp[:, :, stop:]], dim=2))
+        self._sinks_requantized = stop
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -171,6 +218,8 @@ class CompressedLayer(DynamicLayer):
         self.sink_values = self.sink_values.index_select(0, index)
         self.key_store.select_batch(index)
         self.value_store.select_batch(index)
+        if self.left_padding is not None:
+            self.left_padding = self.left_padding.index_select(0, index.cpu())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -185,7 +234,8 @@ class CompressedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
             "A compressed KV cache cannot be cropped back to full precision, so assisted/speculative decoding is not "
-            "supported with spectralkv. Generate without `assistant_model`, or detach spectralkv first."
+            "supported with spectralkv. Generate without `assistant_model` / `prompt_lookup_num_tokens`, or detach "
+            "spectralkv first."
         )
 
     def reset(self) -> None:
@@ -193,6 +243,8 @@ class CompressedLayer(DynamicLayer):
         self.keys = self.values = None
         self.key_store = self.value_store = None
         self.sink_keys = self.sink_values = None
+        self.left_padding = None
+        self._sinks_requantized = 0
         self.is_initialized = False
 
     # -- accounting ------------------------------------------------------------------------------------------------
