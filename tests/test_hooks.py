@@ -271,3 +271,22 @@ def test_chunked_prefill_keeps_one_cache(model: torch.nn.Module, prompt: torch.T
     out = greedy(model, prompt, prefill_chunk_size=16)
     assert len(made) == 1 and out.past_key_values is made[0]
     assert made[0].get_seq_length() == PROMPT_LEN + 11
+
+
+def test_attach_fused_routes_decode_through_packed_attention_and_detach_restores(
+    tiny_llama: torch.nn.Module, tiny_llama_calibration: Any
+) -> None:
+    """attach(fused=True) swaps the attention implementation and cache class; detach puts the original back; the
+    fused path gives the same greedy tokens as the unfused compressed cache."""
+    from spectralkv.fused import FusedSpectralKVCache
+
+    ids = torch.randint(2, 250, (1, 40), generator=torch.Generator().manual_seed(3))
+    before = tiny_llama.config._attn_implementation
+    with attached(tiny_llama, tiny_llama_calibration, window=4):
+        plain = tiny_llama.generate(ids, max_new_tokens=6, do_sample=False)
+    with attached(tiny_llama, tiny_llama_calibration, window=4, fused=True):
+        assert tiny_llama.config._attn_implementation == "spectralkv_fused"
+        out = tiny_llama.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        assert isinstance(out.past_key_values, FusedSpectralKVCache)
+    assert tiny_llama.config._attn_implementation == before
+    assert torch.equal(out.sequences, plain)

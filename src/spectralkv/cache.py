@@ -99,12 +99,14 @@ class SpectralKVCache(Cache):
         layers = []
         for i, (lt, kw) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if i in compressed:
-                qk, qv = quantizers[(i, "k")], quantizers[(i, "v")]
-                layers.append(CompressedLayer(lambda qk=qk: SpectralStore(qk), lambda qv=qv: SpectralStore(qv),
-                                              self.sink_tokens, self.window))
+                layers.append(self._compressed_layer(quantizers[(i, "k")], quantizers[(i, "v")]))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[lt](**kw))
         super().__init__(layers=layers)
+
+    def _compressed_layer(self, qk: SpectralQuantizer, qv: SpectralQuantizer) -> CompressedLayer:
+        """The cache layer of one compressed full-attention layer (subclasses return their own kind)."""
+        return CompressedLayer(lambda: SpectralStore(qk), lambda: SpectralStore(qv), self.sink_tokens, self.window)
 
     def set_left_padding(self, attention_mask: torch.Tensor) -> None:
         """Protect each row's own sinks in a left-padded batch; call before the prefill with its 2-D mask.

@@ -286,16 +286,13 @@ class FusedSpectralKVCache(SpectralKVCache):
     """
 
     def __init__(self, model: Any, calibration: Any, *, backend: str | None = None, **kwargs: Any) -> None:
-        super().__init__(model, calibration, **kwargs)
         self.backend = default_backend() if backend is None else backend
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, CompressedLayer):
-                # the parent built the layer from per-layer quantizer factories; reuse those quantizers
-                qk = layer._factories[0]().quantizer
-                qv = layer._factories[1]().quantizer
-                self.layers[i] = FusedCompressedLayer(qk, qv, self.sink_tokens, self.window, self.backend)
+        super().__init__(model, calibration, **kwargs)
+
+    def _compressed_layer(self, qk: Any, qv: Any) -> CompressedLayer:
+        return FusedCompressedLayer(qk, qv, self.sink_tokens, self.window, self.backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------

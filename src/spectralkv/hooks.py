@@ -22,13 +22,21 @@ from .config import SpectralKVConfig
 class SpectralKVHook(ModelHook):
     """Makes every forward with a cache use a fresh :class:`SpectralKVCache`."""
 
-    def __init__(self, model: Any, config: SpectralKVConfig, window: int | None, sink_tokens: int | None) -> None:
+    def __init__(self, model: Any, config: SpectralKVConfig, window: int | None, sink_tokens: int | None,
+                 fused: bool = False) -> None:
         self.config = config
         self.window = window
         self.sink_tokens = sink_tokens
+        self.fused = fused
+        self.previous_attn_implementation: str | None = None
         self._model_config = model.config
 
     def new_cache(self) -> SpectralKVCache:
+        if self.fused:
+            from .fused import FusedSpectralKVCache
+
+            return FusedSpectralKVCache(self._model_config, self.config, window=self.window,
+                                        sink_tokens=self.sink_tokens)
         return SpectralKVCache(self._model_config, self.config, window=self.window, sink_tokens=self.sink_tokens)
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
@@ -65,11 +73,15 @@ def attach(
     bits: float | None = None,
     window: int | None = None,
     sink_tokens: int | None = None,
+    fused: bool = False,
 ) -> torch.nn.Module:
     """Make ``model`` use a compressed KV cache in every ``generate``/forward with a cache.
 
     ``config`` is a :class:`SpectralKVConfig` or a folder/Hub id to load one from. It is checked against the model
     first. Attaching again replaces the previous spectralkv hook (other hooks, e.g. ``device_map``, are kept).
+    ``fused=True`` also switches the model to the ``"spectralkv_fused"`` attention implementation, so decode steps
+    attend straight from the packed codes (Triton on GPU, the PyTorch reference on CPU); detach restores the
+    previous implementation.
     """
     if not isinstance(config, SpectralKVConfig):
         config = SpectralKVConfig.from_pretrained(config)
@@ -80,9 +92,13 @@ def attach(
     config.check_compatible(model)
     if bits is not None:
         config = config.with_bits(bits)
-    hook = SpectralKVHook(model, config, window, sink_tokens)
+    hook = SpectralKVHook(model, config, window, sink_tokens, fused)
     hook.new_cache()  # validate window/sinks/budget now, not at the first generate
     detach(model)
+    if fused:
+        from .fused import enable_fused
+
+        hook.previous_attn_implementation = enable_fused(model)
     add_hook_to_module(model, hook, append=True)
     return model
 
@@ -93,6 +109,9 @@ def detach(model: torch.nn.Module) -> torch.nn.Module:
     if not any(isinstance(h, SpectralKVHook) for h in hooks):
         return model
     others = [h for h in hooks if not isinstance(h, SpectralKVHook)]
+    for h in hooks:
+        if isinstance(h, SpectralKVHook) and h.previous_attn_implementation is not None:
+            model.set_attn_implementation(h.previous_attn_implementation)
     remove_hook_from_module(model)
     for h in others:
         add_hook_to_module(model, h, append=True)
