@@ -79,12 +79,12 @@ def smollm2() -> tuple[Any, Any]:
 
 @pytest.fixture(scope="session")
 def smollm2_calibration(smollm2: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A small but real calibration of SmolLM2 at 3 bits (4k fitting tokens), saved and reloaded from disk."""
+    """A small but real calibration of SmolLM2 at 3 bits (3k fitting tokens), saved and reloaded from disk."""
     from spectralkv import SpectralKVConfig
     from spectralkv.calibrate import calibrate
 
     model, tok = smollm2
-    cfg = calibrate(model, tok, bits=3.0, tokens=4096, heldout_tokens=1024, progress=False)
+    cfg = calibrate(model, tok, bits=3.0, tokens=3072, heldout_tokens=1024, progress=False)
     folder = tmp_path_factory.mktemp("smollm2-skv")
     cfg.save_pretrained(folder)
     return SpectralKVConfig.from_pretrained(folder, model=model)
