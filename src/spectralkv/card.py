@@ -1,27 +1,99 @@
-"""Render a calibration's Hub model card from the template in ``hub_cards/``."""
+"""Render a calibration's Hub model card from the template in ``hub_cards/``.
+
+The YAML metadata is what the Hub indexes: ``library_name: spectralkv``, ``base_model`` (+ ``base_model_relation``)
+so the calibration appears in the base model's model tree and in ``spectralkv list --base-model``, tags, and, when a
+quick evaluation was run (:mod:`spectralkv.publish`), a ``model-index`` with the measured perplexity per budget. A
+base model given as a local path is left out of the metadata (the Hub rejects it) and the card says so.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 TEMPLATE = "calibration_card.md"
+TAGS = ("spectralkv", "kv-cache", "quantization")
 
 
-def card_metadata(config: Any, repo_id: str | None = None) -> Any:
+def is_hub_id(name: str | None) -> bool:
+    """Whether ``name`` reads as a Hub repo id rather than a local path (the Hub rejects paths in ``base_model``)."""
+    if not name or name.startswith((".", "/", "~")) or "\\" in name or os.path.isabs(name):
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).exists()
+
+
+def _eval_dataset(evaluation: dict[str, Any]) -> tuple[str, str]:
+    text = evaluation.get("text", "pydoc")
+    if text == "pydoc":
+        return "pydoc_data.topics", "Python standard library pydoc_data.topics (held-out half)"
+    return Path(text).name, f"{Path(text).name} (held-out half)"
+
+
+def eval_results(evaluation: dict[str, Any] | None) -> list[Any]:
+    """``model-index`` entries (huggingface_hub ``EvalResult``) for a quick evaluation's rows."""
+    from huggingface_hub import EvalResult
+
+    if not evaluation:
+        return []
+    dataset_type, dataset_name = _eval_dataset(evaluation)
+    common = dict(task_type="text-generation", task_name="Streaming perplexity with a compressed KV cache",
+                  dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="held-out")
+    out = []
+    ref = evaluation.get("reference_ppl")
+    if isinstance(ref, (int, float)) and math.isfinite(ref):
+        out.append(EvalResult(metric_type="perplexity", metric_value=round(ref, 4),
+                              metric_name="perplexity, fp16 cache (reference)", **common))
+    for row in evaluation.get("budgets", []):
+        b = f"{row['bits']:g} bits/coordinate"
+        out.append(EvalResult(metric_type="perplexity", metric_value=round(row["ppl"], 4),
+                              metric_name=f"perplexity @ {b}", **common))
+        out.append(EvalResult(metric_type="delta_perplexity", metric_value=round(row["dppl_pct"], 4),
+                              metric_name=f"dPPL vs fp16 cache (%) @ {b}", **common))
+        out.append(EvalResult(metric_type="bytes_per_token", metric_value=round(row["bytes_per_token"], 1),
+                              metric_name=f"KV bytes per token (compressed layers) @ {b}", **common))
+    return out
+
+
+def card_metadata(config: Any, repo_id: str | None = None, evaluation: dict[str, Any] | None = None) -> Any:
     from huggingface_hub import ModelCardData
 
+    linked = is_hub_id(config.base_model)
+    results = eval_results(evaluation)
     return ModelCardData(
         library_name="spectralkv",
-        base_model=config.base_model,
-        base_model_relation="adapter",
-        tags=["spectralkv", "kv-cache", "quantization", f"{config.default_bits:g}-bit"],
+        base_model=config.base_model if linked else None,
+        base_model_relation="adapter" if linked else None,
+        tags=[*TAGS, f"{config.default_bits:g}-bit"],
         license=None,
+        eval_results=results or None,
+        model_name=(repo_id or f"spectralkv calibration for {config.base_model}") if results else None,
     )
 
 
-def render_card(config: Any, repo_id: str | None = None) -> str:
-    """The README.md text for ``config``: YAML metadata plus the measured-figures tables."""
+def _evaluation_rows(config: Any, evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
+    fp16 = 2 * config.coords_per_token
+    rows = []
+    for row in (evaluation or {}).get("budgets", []):
+        lo, hi = row.get("ci95_pct") or (float("nan"), float("nan"))
+        rows.append({**row, "compression": fp16 / row["bytes_per_token"], "ci_lo": lo, "ci_hi": hi})
+    return rows
+
+
+def render_card(config: Any, repo_id: str | None = None, *, evaluation: dict[str, Any] | None = None,
+                subfolder: str | None = None) -> str:
+    """The README.md text for ``config``: YAML metadata plus the measured-figures tables. ``evaluation`` (from
+    :func:`spectralkv.publish.quick_evaluation`) adds the perplexity table and the ``model-index``; ``subfolder``
+    is the calibration's folder inside the repo (it goes into the usage snippet)."""
     from huggingface_hub import ModelCard
 
     template = files("spectralkv.hub_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
@@ -35,11 +107,13 @@ def render_card(config: Any, repo_id: str | None = None) -> str:
     fp16 = 2 * config.coords_per_token
     eff = config.effective_bits(config.default_bits)
     card = ModelCard.from_template(
-        card_metadata(config, repo_id),
+        card_metadata(config, repo_id, evaluation),
         template_str=template,
         base_model=config.base_model,
+        base_model_is_hub=is_hub_id(config.base_model),
         base_model_revision=config.base_model_revision,
         repo_id=repo_id or "ORG/NAME",
+        subfolder=subfolder.strip("/") if subfolder else None,
         default_bits=config.default_bits,
         effective_bits=eff,
         min_bits=config.min_bits,
@@ -58,5 +132,8 @@ def render_card(config: Any, repo_id: str | None = None) -> str:
         calibration=config.calibration,
         spectralkv_version=config.spectralkv_version,
         format_version=config.format_version,
+        evaluation=evaluation,
+        evaluation_rows=_evaluation_rows(config, evaluation),
+        evaluation_dataset=_eval_dataset(evaluation)[1] if evaluation else None,
     )
     return str(card)

@@ -31,11 +31,11 @@ from .fingerprint import (
     fingerprint,
     mismatches,
 )
+from .formats import FORMAT_VERSION
 
 CONFIG_NAME = "spectralkv_config.json"
 TENSORS_NAME = "spectralkv.safetensors"
 CARD_NAME = "README.md"
-FORMAT_VERSION = 1
 KINDS = ("k", "v")
 TENSOR_FIELDS = ("mean", "basis", "eigenvalues", "weights", "distortion", "codebooks", "bits")
 SCALE_BITS = 16

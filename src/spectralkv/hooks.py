@@ -16,6 +16,7 @@ from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remo
 from transformers.cache_utils import DynamicCache
 
 from .cache import SpectralKVCache
+from .compat import CACHE_NAMES, cache_kwarg
 from .config import SpectralKVConfig
 
 
@@ -45,13 +46,16 @@ class SpectralKVHook(ModelHook):
             use_cache = getattr(module.config, "use_cache", True)
         if not use_cache:
             return args, kwargs
-        pkv = kwargs.get("past_key_values")
+        # generate passes the cache as ``cache`` (transformers >= 5.24) or ``past_key_values``: replace it under the
+        # name it came in, or the model would see two caches and ignore ours.
+        key = next((name for name in CACHE_NAMES if name in kwargs), None) or cache_kwarg(module)
+        pkv = kwargs.get(key)
         if pkv is None or (
             type(pkv) is DynamicCache and not getattr(pkv, "_is_user_defined", False) and pkv.get_seq_length() == 0
         ):
             cache = self.new_cache()
             cache.set_left_padding(kwargs.get("attention_mask"))  # keep each padded row's own sinks exact
-            kwargs["past_key_values"] = cache
+            kwargs[key] = cache
         return args, kwargs
 
 

@@ -1,0 +1,143 @@
+"""Format versions: the migration registry, the format-0 (pre-release) layout upgraded on load, newer and unknown
+versions refused; and the packed-row byte format (pack/unpack) for arbitrary bit mixes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import test_validate
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_validate import _edit_json
+
+from spectralkv import formats
+from spectralkv.config import CONFIG_NAME, CalibrationFormatError, SpectralKVConfig
+from spectralkv.packing import pack, unpack
+from spectralkv.validate import validate_calibration
+
+pristine = test_validate.pristine  # fixtures: a valid tiny calibration, and a fresh copy of it per test
+folder = test_validate.folder
+
+
+def _to_format_0(folder: Path) -> None:
+    """Rewrite a format-1 config in the documented pre-release layout (see ``spectralkv.formats``)."""
+    def edit(d: dict[str, Any]) -> None:
+        for key in ("format_version", "spectralkv_version", "window", "group_size"):
+            d.pop(key)
+
+    _edit_json(folder, edit)
+
+
+def test_every_older_version_has_a_migration() -> None:
+    assert sorted(formats.MIGRATIONS) == list(range(formats.UNVERSIONED, formats.FORMAT_VERSION))
+
+
+def test_format_0_upgraded_on_load(folder: Path, tiny_llama_calibration: SpectralKVConfig, tmp_path: Path) -> None:
+    _to_format_0(folder)
+    cfg = SpectralKVConfig.from_pretrained(folder)
+    assert (cfg.format_version, cfg.window, cfg.group_size) == (formats.FORMAT_VERSION, 32, 8)
+    assert cfg.spectralkv_version == "pre-release"
+    assert all(torch.equal(cfg.tensors[n], t) for n, t in tiny_llama_calibration.tensors.items())
+    report = validate_calibration(folder)
+    assert report.ok, report.format()
+    assert report["format version"].message.startswith("format 0 (pre-release layout, no version recorded), "
+                                                       "upgraded to format 1")
+    # saving writes the current format; the upgrade is not needed again
+    data = json.loads((cfg.save_pretrained(tmp_path / "resaved") / CONFIG_NAME).read_text())
+    assert (data["format_version"], data["window"], data["group_size"]) == (formats.FORMAT_VERSION, 32, 8)
+    assert validate_calibration(tmp_path / "resaved")["format version"].message == "format 1 (current)"
+
+
+def test_format_0_keeps_fields_it_has(folder: Path) -> None:
+    """An upgrade only fills what the old layout lacked."""
+    _to_format_0(folder)
+    _edit_json(folder, lambda d: d.update(window=64))
+    assert SpectralKVConfig.from_pretrained(folder).window == 64
+
+
+def test_format_0_is_still_validated(folder: Path) -> None:
+    """Upgraded configs go through the same schema checks."""
+    _to_format_0(folder)
+    _edit_json(folder, lambda d: d.pop("tensors_sha256"))
+    with pytest.raises(CalibrationFormatError, match="missing the required field 'tensors_sha256'"):
+        SpectralKVConfig.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [({}, 0), ({"format_version": 1}, 1),
+     ({"format_version": 2}, "format version 2, but this spectralkv reads format version 1 and older"),
+     ({"format_version": 0}, "unknown format version 0"), ({"format_version": -3}, "unknown format version -3"),
+     ({"format_version": "1"}, r"'format_version' has the wrong type \(str\)"),
+     ({"format_version": True}, r"'format_version' has the wrong type \(bool\)")],
+)
+def test_version_of(data: dict[str, Any], expected: int | str) -> None:
+    if isinstance(expected, int):
+        assert formats.version_of(data, CONFIG_NAME) == expected
+    else:
+        with pytest.raises(CalibrationFormatError, match=expected):
+            formats.version_of(data, CONFIG_NAME)
+
+
+def test_upgrade_chains_registered_steps_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a future format 3, a format-0 config goes 0 -> 1 -> 2 -> 3, each step seeing the previous version."""
+    seen: list[int] = []
+
+    def step(d: dict[str, Any]) -> dict[str, Any]:
+        seen.append(d["format_version"])
+        return {**d, f"added_in_{d['format_version'] + 1}": True}
+
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 3)
+    monkeypatch.setattr(formats, "MIGRATIONS", dict(formats.MIGRATIONS))
+    formats.migration(1)(step)
+    formats.migration(2)(step)
+    original = {"default_bits": 3.0}
+    out, version = formats.upgrade(original, CONFIG_NAME)
+    assert version == 0 and out["format_version"] == 3 and seen == [1, 2]
+    assert out["added_in_2"] and out["added_in_3"] and out["window"] == 32
+    assert original == {"default_bits": 3.0}, "the input is not modified"
+    assert formats.upgrade({"format_version": 2}, CONFIG_NAME)[0]["format_version"] == 3
+    with pytest.raises(ValueError, match="already registered"):
+        formats.migration(1)(step)
+
+
+def test_gap_in_the_registry_is_a_bug_not_an_artifact_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 2)
+    with pytest.raises(RuntimeError, match="No migration from calibration format 1 to 2"):
+        formats.upgrade({"format_version": 1}, CONFIG_NAME)
+
+
+# -- the packed-row byte format -----------------------------------------------------------------------------------
+@st.composite
+def bit_mixes(draw: st.DrawFn) -> tuple[list[tuple[int, torch.Tensor]], tuple[int, ...]]:
+    """Regimes of (width, codes) packed one after another in a row, widest first, as the quantizer lays them out;
+    arbitrary leading shape. (``test_packing.py`` checks this layout through the quantizer with real data; this
+    checks the packing functions alone over many more shapes and mixes.)"""
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    widths = sorted(draw(st.sets(st.integers(1, 8), min_size=1, max_size=8)), reverse=True)
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    regimes = []
+    for b in widths:
+        n = 8 * draw(st.integers(1, 4))
+        regimes.append((b, torch.randint(0, 2**b, (*lead, n), generator=g)))
+    return regimes, lead
+
+
+@settings(max_examples=60, deadline=None)
+@given(bit_mixes())
+def test_pack_unpack_round_trip_for_arbitrary_bit_mixes(case: tuple[list[tuple[int, torch.Tensor]], tuple[int, ...]]
+                                                        ) -> None:
+    regimes, lead = case
+    row = torch.cat([pack(codes, b) for b, codes in regimes], -1)
+    assert row.dtype == torch.uint8
+    assert row.shape == (*lead, sum(codes.shape[-1] * b // 8 for b, codes in regimes))
+    start = 0
+    for b, codes in regimes:  # each regime starts on a byte boundary and decodes back exactly
+        nbytes = codes.shape[-1] * b // 8
+        assert torch.equal(unpack(row[..., start : start + nbytes], b, codes.shape[-1]), codes)
+        start += nbytes
