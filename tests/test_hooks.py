@@ -290,3 +290,21 @@ def test_attach_fused_routes_decode_through_packed_attention_and_detach_restores
         assert isinstance(out.past_key_values, FusedSpectralKVCache)
     assert tiny_llama.config._attn_implementation == before
     assert torch.equal(out.sequences, plain)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_hook_swaps_the_cache_under_the_name_it_came_in(model: torch.nn.Module, tiny_llama_calibration: Any,
+                                                        name: str) -> None:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; the hook must replace whichever generate passed
+    and never add the other name (the model would then see two caches and drop ours)."""
+    from spectralkv.compat import cache_kwarg, output_cache
+
+    hook = SpectralKVHook(model, tiny_llama_calibration, window=4, sink_tokens=None)
+    _, kwargs = hook.pre_forward(model, **{name: DynamicCache(config=model.config), "use_cache": True})
+    assert isinstance(kwargs[name], SpectralKVCache)
+    assert set(kwargs) == {name, "use_cache"}
+    _, kwargs = hook.pre_forward(model, use_cache=True)  # a plain forward: the name the model's signature takes
+    assert list(kwargs) == ["use_cache", cache_kwarg(model)]
+    with attached(model, tiny_llama_calibration, window=4):
+        out = model(torch.randint(2, 256, (1, 12)), use_cache=True)
+    assert isinstance(output_cache(out), SpectralKVCache)
