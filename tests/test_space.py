@@ -210,6 +210,13 @@ def test_quality_tab_reads_results_or_says_none(app: ModuleType, tmp_path: Path,
     assert "| spectralkv | +1.6% |" in app.load_results()[0]
 
 
+def test_quality_tab_shows_the_committed_results(app: ModuleType) -> None:
+    """Out of the box the Space shows the README's results (docs/results): the table and the Pareto plot."""
+    text, image = app.load_results()
+    assert "docs/results" in text and "| spectralkv | 2.5 |" in text and "| kivi |" in text
+    assert image is not None
+
+
 
 def test_quick_evaluation_button(app: ModuleType, bundled_dir: Path, tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,6 +225,7 @@ def test_quick_evaluation_button(app: ModuleType, bundled_dir: Path, tmp_path: P
 
     out = tmp_path / "results"
     monkeypatch.setenv("SPECTRALKV_SPACE_RESULTS", str(out))
+    monkeypatch.setattr(app, "results_dirs", lambda: [out])  # not the repo's committed docs/results
     monkeypatch.setitem(sys.modules, "spectralkv.evaluation", None)  # importing it now raises ImportError
     status, text, image = app.run_quick_evaluation("bundled")
     assert "evaluation harness is not available" in status and "No evaluation results found" in text

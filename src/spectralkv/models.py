@@ -59,7 +59,9 @@ def load_model(
     if gguf_file is not None:
         _require_gguf()
         kwargs["gguf_file"] = gguf_file
-    if os.path.sep in model and not os.path.exists(model):
+    # "org/name" is a Hub id, not a folder; only something path-shaped that is missing is reported as a folder.
+    path_like = model.startswith((".", "/", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
+    if path_like and not os.path.exists(os.path.expanduser(model)):
         raise ModelLoadError(f"Model folder {model!r} does not exist.")
     try:
         tok = AutoTokenizer.from_pretrained(model, **kwargs)
