@@ -49,7 +49,7 @@ def test_calibrate_attach_generate(case: str, tiny_factory: Callable[..., torch.
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
                              do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (1, PROMPT_LEN + 20)
-    cache = out.past_key_values
+    cache = out.cache
     assert isinstance(cache, SpectralKVCache)
     assert cache.get_seq_length() == PROMPT_LEN + 19
     for i, (layer, kind) in enumerate(zip(cache.layers, kinds, strict=True)):
@@ -84,7 +84,7 @@ def test_sliding_window_layers_match_the_fp_model_exactly(tiny_factory: Callable
     ref = model.generate(ids, **kw)
     with attached(model, calibration, window=1000):
         out = model.generate(ids, **kw)
-    assert isinstance(out.past_key_values, SpectralKVCache)
+    assert isinstance(out.cache, SpectralKVCache)
     assert torch.equal(out.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits, strict=True))
 

@@ -187,8 +187,8 @@ CACHE_METHODS = [("kivi", 3), ("kivi", 8), ("turboquant", 2.5), ("spectralkv", 3
 
 def _decode_logits(model: torch.nn.Module, cache: Any, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     with torch.inference_mode():
-        model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
-        out = [model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        model(input_ids=ids[:, :prefill], cache=cache, use_cache=True)
+        out = [model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
                for t in range(prefill, ids.shape[1])]
     return torch.stack(out, 1)
 
@@ -219,13 +219,13 @@ def test_reorder_cache_matches_reordered_inputs(tiny64: torch.nn.Module, tiny64_
     index = torch.tensor([2, 0, 1])
     cache = make_cache(method, tiny64, bits, **kw)
     with torch.inference_mode():
-        tiny64(input_ids=ids[:, :44], past_key_values=cache, use_cache=True)
+        tiny64(input_ids=ids[:, :44], cache=cache, use_cache=True)
         cache.reorder_cache(index)
-        got = tiny64(input_ids=ids[index, 44:45], past_key_values=cache, use_cache=True).logits
+        got = tiny64(input_ids=ids[index, 44:45], cache=cache, use_cache=True).logits
     ref_cache = make_cache(method, tiny64, bits, **kw)
     with torch.inference_mode():
-        tiny64(input_ids=ids[index, :44], past_key_values=ref_cache, use_cache=True)
-        want = tiny64(input_ids=ids[index, 44:45], past_key_values=ref_cache, use_cache=True).logits
+        tiny64(input_ids=ids[index, :44], cache=ref_cache, use_cache=True)
+        want = tiny64(input_ids=ids[index, 44:45], cache=ref_cache, use_cache=True).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -241,7 +241,7 @@ def test_replayed_prefill_equals_real_prefill(tiny64: torch.nn.Module, tiny64_ca
     cache, replayed = replay_prefill(tiny64, factory, captured)
     assert replayed
     with torch.inference_mode():
-        got = torch.stack([tiny64(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        got = torch.stack([tiny64(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
                            for t in range(44, 56)], 1)
     torch.testing.assert_close(got, _decode_logits(tiny64, factory(), ids, 44), atol=1e-5, rtol=1e-5)
 

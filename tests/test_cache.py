@@ -324,11 +324,11 @@ def test_cache_forward_matches_dynamic_cache_while_nothing_is_compressed(
 
     ids = torch.randint(2, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = tiny_llama(ids[:, :10], past_key_values=DynamicCache(config=tiny_llama.config))
-        ref2 = tiny_llama(ids[:, 10:], past_key_values=ref.past_key_values)
+        ref = tiny_llama(ids[:, :10], cache=DynamicCache(config=tiny_llama.config))
+        ref2 = tiny_llama(ids[:, 10:], cache=ref.cache)
         cache = SpectralKVCache(tiny_llama, tiny_llama_calibration, window=32)
-        out = tiny_llama(ids[:, :10], past_key_values=cache)
-        out2 = tiny_llama(ids[:, 10:], past_key_values=cache)
+        out = tiny_llama(ids[:, :10], cache=cache)
+        out2 = tiny_llama(ids[:, 10:], cache=cache)
     assert torch.equal(out.logits, ref.logits) and torch.equal(out2.logits, ref2.logits)
     assert cache.get_seq_length() == 12
     assert all(isinstance(layer, DynamicLayer) for layer in cache.layers)  # CompressedLayer is a DynamicLayer
@@ -413,7 +413,7 @@ def smollm2_kv(smollm2: tuple[object, object]) -> list[tuple[torch.Tensor, torch
     ids = evaluation_tokens(tok)[:4008].view(1, -1)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model.model(ids, past_key_values=cache, use_cache=True)
+        model.model(ids, cache=cache, use_cache=True)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 

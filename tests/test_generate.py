@@ -58,7 +58,7 @@ def test_greedy_chat_answers_and_cache_is_compressed(smollm2: tuple[Any, Any], s
     enc = encode(tok, FRANCE)
     with attached(model, smollm2_calibration, window=WINDOW):
         out = model.generate(**enc, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = out.cache
     assert isinstance(cache, SpectralKVCache) and cache.bits == smollm2_calibration.bits
     report = cache.memory_report()
     assert report["compressed_tokens"] == cache.get_seq_length() - smollm2_calibration.sink_tokens - WINDOW > 20
@@ -76,7 +76,7 @@ def test_four_bits_matches_fp_greedy(smollm2: tuple[Any, Any], smollm2_calibrati
     enc = encode(tok, FRANCE)
     with attached(model, smollm2_calibration, bits=4.0, window=WINDOW):
         res = model.generate(**enc, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
-    assert res.past_key_values.bits == 4.0 and res.past_key_values.memory_report()["compressed_tokens"] > 20
+    assert res.cache.bits == 4.0 and res.cache.memory_report()["compressed_tokens"] > 20
     out = new_tokens(res.sequences, enc)[0]
     assert torch.equal(out[:5], fp_france[:5])
     assert until_eos(out, tok.eos_token_id) == until_eos(fp_france, tok.eos_token_id)
@@ -124,7 +124,7 @@ def test_beam_search_reorders_the_compressed_cache(smollm2: tuple[Any, Any], smo
     with attached(model, smollm2_calibration, window=WINDOW):
         out = model.generate(**enc, max_new_tokens=10, num_beams=3, do_sample=False, early_stopping=True,
                              return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, SpectralKVCache)
+    assert isinstance(out.cache, SpectralKVCache)
     assert len(reorders) >= 5 and all(len(r) == 3 for r in reorders)
     assert any(r != [0, 1, 2] for r in reorders)  # beams really were shuffled
     assert tok.decode(new_tokens(out.sequences, enc)[0], skip_special_tokens=True).strip()
@@ -138,7 +138,7 @@ def test_num_return_sequences_with_sampling(smollm2: tuple[Any, Any], smollm2_ca
         out = model.generate(**enc, max_new_tokens=10, min_new_tokens=10, do_sample=True, num_return_sequences=2,
                              return_dict_in_generate=True)
     assert out.sequences.shape == (2, enc["input_ids"].shape[1] + 10)
-    cache = out.past_key_values
+    cache = out.cache
     assert isinstance(cache, SpectralKVCache)
     assert all(layer.key_store.codes.view().shape[0] == 2 for layer in cache.layers)
     assert not torch.equal(out.sequences[0], out.sequences[1])
@@ -151,14 +151,14 @@ def test_continue_generation_from_a_returned_cache(smollm2: tuple[Any, Any], smo
     with attached(model, smollm2_calibration, window=WINDOW):
         first = model.generate(**enc, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                                return_dict_in_generate=True)
-        cache = first.past_key_values
+        cache = first.cache
         assert isinstance(cache, SpectralKVCache)
         seen = cache.get_seq_length()
         seq = first.sequences
-        second = model.generate(seq, attention_mask=torch.ones_like(seq), past_key_values=cache, max_new_tokens=5,
+        second = model.generate(seq, attention_mask=torch.ones_like(seq), cache=cache, max_new_tokens=5,
                                 min_new_tokens=5, do_sample=False, return_dict_in_generate=True)
         whole = model.generate(**enc, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    assert second.past_key_values is cache and cache.get_seq_length() == seen + 5
+    assert second.cache is cache and cache.get_seq_length() == seen + 5
     assert torch.equal(second.sequences, whole)
 
 
@@ -177,8 +177,8 @@ def test_assisted_decoding_fails_clearly(smollm2: tuple[Any, Any], smollm2_calib
 def _nll(model: Any, ids: torch.Tensor, cache: Any, context: int) -> float:
     """Teacher-forced NLL of ``ids[context:]`` after ``ids[:context]`` went through ``cache`` (then compressed)."""
     with torch.no_grad():
-        model(ids[:, :context], past_key_values=cache)
-        logits = model(ids[:, context:], past_key_values=cache).logits[0, :-1].float()
+        model(ids[:, :context], cache=cache)
+        logits = model(ids[:, context:], cache=cache).logits[0, :-1].float()
     target = ids[0, context + 1 :]
     return float(torch.nn.functional.cross_entropy(logits, target))
 

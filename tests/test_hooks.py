@@ -65,17 +65,17 @@ def test_attach_compresses_and_detach_restores_exact_fp(model: torch.nn.Module, 
                                                         tiny_llama_calibration: Any) -> None:
     """Detach gives back bit-identical fp generation; while attached the cache really is compressed."""
     ref = greedy(model, prompt)
-    assert type(ref.past_key_values) is DynamicCache
+    assert type(ref.cache) is DynamicCache
     assert attach(model, tiny_llama_calibration, window=4) is model and is_attached(model)
     out = greedy(model, prompt)
-    cache = out.past_key_values
+    cache = out.cache
     assert isinstance(cache, SpectralKVCache)
     assert cache.memory_report()["compressed_tokens"] == PROMPT_LEN + 11 - 4 - 4
     assert not all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits, strict=True))  # compression is felt
     detach(model)
     assert not is_attached(model) and not hasattr(model, "_hf_hook")
     again = greedy(model, prompt)
-    assert type(again.past_key_values) is DynamicCache
+    assert type(again.cache) is DynamicCache
     assert torch.equal(again.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(again.logits, ref.logits, strict=True))
     detach(model)  # detaching twice is a no-op
@@ -86,13 +86,13 @@ def test_attached_context_manager_detaches_even_on_error(model: torch.nn.Module,
     with attached(model, tiny_llama_calibration, bits=4.0) as m:
         assert m is model and is_attached(model)
         assert spectral_hooks(model)[0].config.bits == 4.0
-        assert isinstance(model(prompt).past_key_values, SpectralKVCache)  # plain forward with a cache, too
+        assert isinstance(model(prompt).cache, SpectralKVCache)  # plain forward with a cache, too
     assert not is_attached(model)
     with pytest.raises(RuntimeError, match="boom"), attached(model, tiny_llama_calibration):
         assert is_attached(model)
         raise RuntimeError("boom")
     assert not is_attached(model)
-    assert type(model(prompt).past_key_values) is DynamicCache
+    assert type(model(prompt).cache) is DynamicCache
 
 
 def test_attach_twice_replaces_previous_hook(model: torch.nn.Module, prompt: torch.Tensor,
@@ -102,7 +102,7 @@ def test_attach_twice_replaces_previous_hook(model: torch.nn.Module, prompt: tor
     hooks = spectral_hooks(model)
     assert len(hooks) == 1 and hooks[0].config.bits == 4.0 and hooks[0].window == 6
     assert not isinstance(model._hf_hook, SequentialHook)  # not chained onto the old one
-    cache = greedy(model, prompt).past_key_values
+    cache = greedy(model, prompt).cache
     assert cache.bits == 4.0 and cache.window == 6
     detach(model)
     assert not hasattr(model, "_hf_hook")
@@ -118,25 +118,25 @@ def test_foreign_hook_survives_attach_and_detach(model: torch.nn.Module, prompt:
     assert isinstance(chain, SequentialHook)
     assert [type(h) for h in chain.hooks] == [CountingHook, SpectralKVHook] and chain.hooks[0] is other
     out = greedy(model, prompt)
-    assert isinstance(out.past_key_values, SpectralKVCache) and other.calls == 12
+    assert isinstance(out.cache, SpectralKVCache) and other.calls == 12
     detach(model)
     assert model._hf_hook is other
     out = greedy(model, prompt)
-    assert type(out.past_key_values) is DynamicCache and other.calls == 24
+    assert type(out.cache) is DynamicCache and other.calls == 24
 
 
 def test_user_cache_is_left_alone(model: torch.nn.Module, prompt: torch.Tensor, tiny_llama_calibration: Any) -> None:
     """A cache the user passes is theirs: an fp DynamicCache stays fp; an explicit SpectralKVCache is used as is."""
     attach(model, tiny_llama_calibration)
     mine = DynamicCache(config=model.config)
-    out = greedy(model, prompt, past_key_values=mine)
-    assert out.past_key_values is mine and mine.get_seq_length() == PROMPT_LEN + 11
+    out = greedy(model, prompt, cache=mine)
+    assert out.cache is mine and mine.get_seq_length() == PROMPT_LEN + 11
     assert not any(isinstance(layer, CompressedLayer) for layer in mine.layers)
     custom = SpectralKVCache(model, tiny_llama_calibration, bits=2.0, window=2, sink_tokens=1)
-    out = greedy(model, prompt, past_key_values=custom)
-    assert out.past_key_values is custom and custom.layers[0].sink_keys.shape[2] == 1
+    out = greedy(model, prompt, cache=custom)
+    assert out.cache is custom and custom.layers[0].sink_keys.shape[2] == 1
     # use_cache=False: nothing to swap
-    assert model(prompt, use_cache=False).past_key_values is None
+    assert model(prompt, use_cache=False).cache is None
 
 
 def test_quantizer_tensors_follow_the_data_device(model: torch.nn.Module, prompt: torch.Tensor,
@@ -144,7 +144,7 @@ def test_quantizer_tensors_follow_the_data_device(model: torch.nn.Module, prompt
     """Each layer moves its quantizer tensors to the device of the states it receives (device_map splits layers
     across devices; dispatch hooks never move the cache). Simulated here with one layer on CPU, one on ``meta``."""
     attach(model, tiny_llama_calibration, window=4)
-    cache = greedy(model, prompt).past_key_values
+    cache = greedy(model, prompt).cache
     for layer in cache.layers:
         for store in (layer.key_store, layer.value_store):
             assert list(store.quantizer._device_cache) == [torch.device("cpu")]
@@ -256,7 +256,7 @@ def test_padded_batch_declares_left_padding(model: torch.nn.Module, tiny_llama_c
     with attached(model, tiny_llama_calibration, window=4):
         out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kw)
         alone = [model.generate(x, attention_mask=torch.ones_like(x), **kw) for x in (short, long)]
-    assert all(layer.left_padding.tolist() == [15, 0] for layer in out.past_key_values.layers)
+    assert all(layer.left_padding.tolist() == [15, 0] for layer in out.cache.layers)
     assert torch.equal(out.sequences[0, 45:], alone[0][0, 30:])
     assert torch.equal(out.sequences[1, 45:], alone[1][0, 45:])
 
@@ -269,7 +269,7 @@ def test_chunked_prefill_keeps_one_cache(model: torch.nn.Module, prompt: torch.T
     attach(model, tiny_llama_calibration, window=4)
     monkeypatch.setattr(SpectralKVHook, "new_cache", lambda self: made.append(original(self)) or made[-1])
     out = greedy(model, prompt, prefill_chunk_size=16)
-    assert len(made) == 1 and out.past_key_values is made[0]
+    assert len(made) == 1 and out.cache is made[0]
     assert made[0].get_seq_length() == PROMPT_LEN + 11
 
 
@@ -287,7 +287,7 @@ def test_attach_fused_routes_decode_through_packed_attention_and_detach_restores
     with attached(tiny_llama, tiny_llama_calibration, window=4, fused=True):
         assert tiny_llama.config._attn_implementation == "spectralkv_fused"
         out = tiny_llama.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-        assert isinstance(out.past_key_values, FusedSpectralKVCache)
+        assert isinstance(out.cache, FusedSpectralKVCache)
     assert tiny_llama.config._attn_implementation == before
     assert torch.equal(out.sequences, plain)
 

@@ -365,7 +365,7 @@ def test_import_does_not_load_triton() -> None:
 
 def _generate(model: Any, cache: Any, attn: str, ids: torch.Tensor, mask: torch.Tensor) -> Any:
     model.set_attn_implementation(attn)
-    return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5,
+    return model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=5,
                           do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
 
 
