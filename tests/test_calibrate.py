@@ -15,6 +15,7 @@ from spectralkv.calibrate import calibrate
 from spectralkv.codebook import MAX_BITS
 from spectralkv.config import KINDS, SpectralKVConfig, tensor_name
 from spectralkv.fingerprint import UnsupportedArchitectureError
+from spectralkv.moments import participation_ratio
 from spectralkv.validate import expected_shapes
 
 ERROR_KEY = "heldout_error"  # the quantity the K/V split search minimises, per row of measured["kv_split_search"]
@@ -104,7 +105,8 @@ def test_measured_records_search_and_chosen_split(calibration: SpectralKVConfig)
     assert [r["layer"] for r in m["layers"]] == calibration.compressed_layers
     for row in m["layers"]:
         for kind in KINDS:
-            assert 1.0 <= row[f"{kind}_participation_ratio"] <= calibration.head_dim
+            lam = calibration.tensors[tensor_name(row["layer"], kind, "eigenvalues")]
+            assert row[f"{kind}_participation_ratio"] == pytest.approx(float(participation_ratio(lam).mean()), rel=1e-4)
             assert 0.0 <= row[f"{kind}_mean_energy"] <= 1.0
             assert 0.0 < row[f"{kind}_top8_energy"] <= 1.0 + 1e-9
 

@@ -289,10 +289,8 @@ class _Trap:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("name", ["pytorch_model.bin", "spectralkv.pkl", "weights.pt"])
-def test_planted_pickle_is_never_loaded(folder: Path, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
-                                        ) -> None:
-    sentinel = tmp_path / "unpickled"
+def plant_pickle(folder: Path, name: str, sentinel: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plant a booby-trapped pickle ``name`` in ``folder`` and make every pickle loader fail the test if called."""
     (folder / name).write_bytes(pickle.dumps(_Trap(sentinel)))
 
     def forbidden(*_: Any, **__: Any) -> None:
@@ -301,6 +299,13 @@ def test_planted_pickle_is_never_loaded(folder: Path, tmp_path: Path, name: str,
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr(pickle, "loads", forbidden)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "spectralkv.pkl", "weights.pt"])
+def test_planted_pickle_is_never_loaded(folder: Path, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    sentinel = tmp_path / "unpickled"
+    plant_pickle(folder, name, sentinel, monkeypatch)
     with pytest.warns(UserWarning, match=f"Ignoring {name}: spectralkv never loads pickle files"):
         cfg = _load(folder)
     assert cfg.compressed_layers == [0, 1]

@@ -20,7 +20,7 @@ from conftest import TINY_COMMON, make_tiny, tiny_calibrate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hub import SHA_MAIN, _files, _populate
-from test_validate import VALUE_CASES, _edit_json, _read_raw, _reseal, _rewrite_tensors, _set, _Trap, _write_raw
+from test_validate import VALUE_CASES, _edit_json, _read_raw, _reseal, _rewrite_tensors, _set, _write_raw, plant_pickle
 
 from spectralkv.cli import main
 from spectralkv.config import CONFIG_NAME, FORMAT_VERSION, TENSORS_NAME, CalibrationFormatError, SpectralKVConfig
@@ -160,14 +160,7 @@ def test_independent_checks_still_run_after_a_failure(folder: Path) -> None:
 def test_planted_pickle_reported_never_opened(folder: Path, tmp_path: Path, name: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     sentinel = tmp_path / "unpickled"
-    (folder / name).write_bytes(pickle.dumps(_Trap(sentinel)))
-
-    def forbidden(*_: Any, **__: Any) -> None:
-        raise AssertionError("a pickle loader was called")
-
-    monkeypatch.setattr(torch, "load", forbidden)
-    monkeypatch.setattr(pickle, "load", forbidden)
-    monkeypatch.setattr(pickle, "loads", forbidden)
+    plant_pickle(folder, name, sentinel, monkeypatch)
     report = validate_calibration(folder)
     assert [c.name for c in report.failures] == ["no pickle files"]
     assert f"Ignoring {name}: spectralkv never loads pickle files" in report.failures[0].message

@@ -49,7 +49,8 @@ def tensor_name(layer: int, kind: str, field_name: str) -> str:
     return f"layers.{layer}.{kind}.{field_name}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks (the tensors file can be large)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -258,7 +259,7 @@ class SpectralKVConfig:
         tmp.replace(out / TENSORS_NAME)
         data = self.to_json_dict()
         data["tensors_file"] = TENSORS_NAME
-        data["tensors_sha256"] = _sha256(out / TENSORS_NAME)
+        data["tensors_sha256"] = file_sha256(out / TENSORS_NAME)
         (out / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if card:
             from .card import render_card

@@ -14,7 +14,6 @@ tensors are reported (by ``from_pretrained`` as a warning), never opened. Nothin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -179,16 +178,10 @@ def check_header(path: Path, data: dict[str, Any]) -> None:
         _fail(f"{path.name} has {size - 8 - n - end} unexpected bytes after its tensors: corrupt or tampered file.")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_sha256(path: Path, data: dict[str, Any]) -> None:
-    if _sha256(path) != data["tensors_sha256"]:
+    from .config import file_sha256
+
+    if file_sha256(path) != data["tensors_sha256"]:
         _fail(f"{path.name} does not match the sha256 recorded in the config: the file is corrupt or was "
               "replaced. Re-download or re-create the calibration.")
 
