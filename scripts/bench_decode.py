@@ -1,17 +1,38 @@
 #!/usr/bin/env python
-"""Per-layer decode attention time: spectralkv's fused kernel vs fp16 SDPA vs dequantize-then-SDPA.
+"""Per-layer decode attention time: spectralkv's fused kernel vs fp16 flash-decoding, fp16 SDPA, dequantize-then-SDPA.
 
 Shapes default to one Llama-3.1-8B layer (8 KV heads, head_dim 128, 4 query heads per KV head), one query token per
 sequence, contexts 1k-128k, batch 1-16, our kernel at 2, 2.5, 3 and 4 bits per coordinate (plus an fp16 per-token
 scale per head, 4 sink tokens and a 32-token window in fp16, as the cache holds them). Codes are random bytes (every
 bit pattern is a valid code) and the quantizers random: timing does not depend on the values.
 
-Timing is ``triton.testing.do_bench`` (median, L2 flushed before every repetition by zeroing a 256 MB buffer).
+Methods (one CSV row per case):
+
+* ``spectralkv``: the fused Triton kernel reading the packed codes.
+* ``fp16-flash``: the best fp16 flash-decoding available, the baseline of the targets: ``flash_attn_with_kvcache``
+  when ``flash_attn`` imports, else torch SDPA forced to its FLASH and EFFICIENT backends in turn (GQA folded into
+  the query length, no copy) and the faster kept; the ``impl`` column says which ran.
+* ``fp16-sdpa``: ``scaled_dot_product_attention(..., enable_gqa=True)`` with torch's own backend choice, as
+  transformers calls it on a decode step without a mask.
+* ``dequant-sdpa``: decode the codes to fp16 with the PyTorch quantizer, then SDPA (what an unfused cache costs).
+
+Timing (``--timer``): ``cudagraph`` (default) captures the case in a CUDA graph so Python launch overhead is not
+measured. With ``--l2 flush`` (default) each repetition is one graph replay after zeroing a 256 MB buffer outside the
+timed region (``triton.testing.do_bench_cudagraph`` cannot flush L2, and at batch 1 a compressed 32k cache fits in an
+H100's 50 MB L2); ``--l2 warm`` uses ``do_bench_cudagraph`` itself. When graph capture fails for a case it is timed
+with ``triton.testing.do_bench`` (L2 flushed) and the row's note says so. ``--timer plain`` always uses ``do_bench``.
+The median is reported.
+
 GB/s is the bytes of the method's stored cache for that layer (codes + scales + fp16 window, or the fp16 K/V)
 divided by the time; the dequantize-then-SDPA path also writes and re-reads an fp16 copy, which is not counted.
+``pct_of_copy_bw`` compares it with a device-to-device copy measured on the same GPU at the start (read + write
+bytes / time), and ``speedup_vs_flash`` divides the time of the fastest fp16 row (``fp16-flash`` or ``fp16-sdpa``)
+at the same batch and context by the row's time. The summary checks the targets at 32k context: >= 4x faster than
+fp16 flash-decoding at 2.5 bits, >= 2.5x at 4 bits, >= 70% of the measured copy bandwidth (a report, not an assert).
 
-Writes ``<out>/bench_decode.csv`` (one row per case, with GPU name, timestamp, versions) and
-``<out>/bench_decode.png``. Needs a CUDA GPU; on a machine without one it exits with status 2 and says so.
+Writes ``<out>/bench_decode.csv`` (one row per case, with GPU name, timestamp, versions), ``<out>/bench_decode.md``
+(the table ready for the README, with GPU, date and command line) and ``<out>/bench_decode.png``. Needs a CUDA GPU;
+on a machine without one it exits with status 2 and says so.
 
     python scripts/bench_decode.py --contexts 1k 8k 32k 128k --batches 1 4 16 --bits 2 2.5 3 4
 """
@@ -22,7 +43,11 @@ import argparse
 import csv
 import datetime as dt
 import math
+import shlex
+import statistics
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +57,28 @@ from spectralkv.codebook import fit_codebooks
 from spectralkv.quantizer import SpectralQuantizer
 
 DEFAULT_CONTEXTS = ["1k", "4k", "16k", "32k", "64k", "128k"]
-METHODS = ("spectralkv", "fp16-sdpa", "dequant-sdpa")
+METHODS = ("spectralkv", "fp16-flash", "fp16-sdpa", "dequant-sdpa")
+FP16_METHODS = ("fp16-flash", "fp16-sdpa")
+TIMERS = ("cudagraph", "plain")
+FLUSH_BYTES = 256 * 1024 * 1024  # what triton's do_bench zeroes between repetitions
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's speed targets, checked on the spectralkv rows at the target context."""
+
+    name: str
+    column: str  # row field compared with the threshold
+    threshold: float
+    bits: float | None  # only rows at these bits; None: every spectralkv row
+    unit: str
+
+
+TARGETS = (
+    Target("speedup vs fp16 flash-decoding at 2.5 bits", "speedup_vs_flash", 4.0, 2.5, "x"),
+    Target("speedup vs fp16 flash-decoding at 4 bits", "speedup_vs_flash", 2.5, 4.0, "x"),
+    Target("share of the measured copy bandwidth", "pct_of_copy_bw", 70.0, None, "%"),
+)
 
 
 def parse_size(text: str) -> int:
@@ -67,14 +113,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-splits", type=int, default=None, help="splits per sequence (default: from the SM count)")
     p.add_argument("--block-t", type=int, default=32, help="tokens per tile")
     p.add_argument("--num-warps", type=int, default=4, help="warps per program")
+    p.add_argument("--timer", choices=TIMERS, default="cudagraph",
+                   help="cudagraph: time CUDA-graph replays, falling back to do_bench when capture fails;\n"
+                        "plain: triton.testing.do_bench (default: %(default)s)")
+    p.add_argument("--no-cuda-graph", dest="timer", action="store_const", const="plain", help="same as --timer plain")
+    p.add_argument("--l2", choices=("flush", "warm"), default="flush",
+                   help="flush: zero a 256 MB buffer before every timed repetition; warm: do not (graph timer\n"
+                        "only: triton's do_bench_cudagraph; do_bench always flushes) (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p.add_argument("--rep", type=int, default=100, help="repetitions, ms")
+    p.add_argument("--copy-gb", type=float, default=2.0,
+                   help="size of the buffer copied to measure bandwidth, GB (default: %(default)s)")
+    p.add_argument("--target-context", type=parse_size, default=parse_size("32k"),
+                   help="context at which the summary checks the targets (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
     for name in ("batches", "bits"):
         bad = [v for v in getattr(args, name) if v <= 0]
         if bad:
             p.error(f"--{name} must be positive, got {bad}")
+    if args.copy_gb <= 0:
+        p.error(f"--copy-gb must be positive, got {args.copy_gb}")
     return args
 
 
@@ -105,21 +164,186 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------------
+_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def _flush_buffer() -> torch.Tensor:
+    if "buf" not in _FLUSH:
+        _FLUSH["buf"] = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    return _FLUSH["buf"]
+
+
+def _do_bench(fn: Callable[[], Any], warmup: int, rep: int) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _do_bench_cudagraph(fn: Callable[[], Any], rep: int) -> float:
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
+def graph_bench(fn: Callable[[], Any], rep: int, flush: torch.Tensor | None) -> float:
+    """Median ms of one CUDA-graph replay of ``fn``, L2 flushed before each replay (outside the timed events).
+
+    Why not ``do_bench_cudagraph``: it unrolls many calls in one graph and cannot flush L2 between them, so a cache
+    smaller than L2 would be timed from L2. One replay per repetition keeps the flush and still has no Python launch
+    overhead inside the timed region (the flush gives the host time to enqueue the replay).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    n = int(min(1000, max(10, rep / estimate)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends, strict=True):
+        if flush is not None:
+            flush.zero_()
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+    del graph
+    return float(statistics.median(times))
+
+
+def time_case(fn: Callable[[], Any], args: argparse.Namespace) -> tuple[float, str, bool, str]:
+    """Time ``fn`` as ``args`` asks: ``(median ms, timer used, L2 flushed, note)``.
+
+    A failed graph capture is not an error: the case is re-timed with ``do_bench`` and the note says why (some
+    paths, e.g. ones that synchronise or copy from the host, cannot be captured).
+    """
+    note = ""
+    if args.timer == "cudagraph":
+        try:
+            if args.l2 == "flush":
+                return graph_bench(fn, args.rep, _flush_buffer()), "cudagraph+flush", True, ""
+            return _do_bench_cudagraph(fn, args.rep), "do_bench_cudagraph", False, ""
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # capture not supported by something in fn
+            msg = " ".join(str(exc).split())[:100]
+            note = f"CUDA graph capture failed ({type(exc).__name__}: {msg}); timed with do_bench"
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    return _do_bench(fn, args.warmup, args.rep), "do_bench", True, note
+
+
+def _time_copy(nbytes: int, warmup: int, rep: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return _do_bench(lambda: dst.copy_(src), warmup, rep)
+
+
+def measure_copy_bandwidth(gb: float, warmup: int = 25, rep: int = 200) -> tuple[float, float]:
+    """``(GB/s, GB copied)`` of a device-to-device copy of a ``gb``-GB buffer: (read + write bytes) / time.
+
+    The reference for ``pct_of_copy_bw``: what this GPU really streams, rather than its datasheet peak. Far larger
+    than L2, so no flush is needed; the buffer is halved on out-of-memory.
+    """
+    nbytes = int(gb * 1e9)
+    while nbytes >= 1 << 26:
+        oom = False
+        try:
+            ms = _time_copy(nbytes, warmup, rep)
+        except torch.cuda.OutOfMemoryError:
+            oom = True
+        torch.cuda.empty_cache()
+        if not oom:
+            return 2 * nbytes / (ms * 1e-3) / 1e9, nbytes / 1e9
+        nbytes //= 2
+    return float("nan"), 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------------------------
+def _flash_candidates(q: torch.Tensor, batch: int, hkv: int, length: int, d: int
+                      ) -> tuple[list[tuple[str, Callable[[], Any]]], int, str]:
+    """fp16 flash-decoding implementations to try, best first: ``([(impl, fn)], K/V bytes, why others are absent)``.
+
+    ``flash_attn_with_kvcache`` if flash_attn imports (its own ``[B, S, H, D]`` layout), else SDPA forced to one
+    backend at a time, with the query heads of a GQA group as the query length (``[B, Hkv, G, D]``: the same math
+    for a single decode token, and no repeated K/V).
+    """
+    dev = q.device
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except Exception as exc:  # not installed, or built for another torch/CUDA
+        flash_attn_with_kvcache = None
+        why = f"flash_attn unavailable ({type(exc).__name__})"
+    if flash_attn_with_kvcache is not None:
+        import flash_attn
+
+        kc = torch.randn(batch, length, hkv, d, device=dev, dtype=torch.float16)
+        vc = torch.randn_like(kc)
+        q_fa = q[:, None]  # [B, 1, Hq, D]
+        return [(f"flash_attn {flash_attn.__version__} flash_attn_with_kvcache",
+                 lambda: flash_attn_with_kvcache(q_fa, kc, vc))], _nbytes(kc, vc), ""
+    from torch.nn.attention import SDPBackend
+
+    k = torch.randn(batch, hkv, length, d, device=dev, dtype=torch.float16)
+    v = torch.randn_like(k)
+    out = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        def fn(backend: SDPBackend = backend) -> Any:
+            return sdpa_decode(q, k, v, backend)
+
+        out.append((f"torch sdpa {backend.name} (GQA group as query length)", fn))
+    return out, _nbytes(k, v), why
+
+
+def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any) -> torch.Tensor:
+    """One decode token per sequence, ``q [B, Hq, D]`` over ``k``/``v [B, Hkv, S, D]``, with SDPA forced to
+    ``backend``: the query heads of a GQA group become the query length (``[B, Hkv, G, D]``), which is the same
+    attention for a single token and needs no repeated K/V (not every backend takes ``enable_gqa``)."""
+    from torch.nn.attention import sdpa_kernel
+
+    b, hq, d = q.shape
+    with sdpa_kernel(backend):
+        out = torch.nn.functional.scaled_dot_product_attention(q.view(b, k.shape[1], hq // k.shape[1], d), k, v)
+    return out.reshape(b, hq, d)
+
+
 def run_case(method: str, bits: float | None, context: int, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """Time one case; returns a CSV row (``time_us`` NaN and ``note`` set when it runs out of memory)."""
     from spectralkv.kernels.decode_attention import decode_attention
     from spectralkv.kernels.ref import PackedSide
-    from triton.testing import do_bench
 
     dev = torch.device("cuda")
     hkv, d, g = args.kv_heads, args.head_dim, args.group
     w = args.window + args.sinks + 1
     row: dict[str, Any] = dict(method=method, bits=bits if bits is not None else 16, context=context, batch=batch,
-                               kv_heads=hkv, head_dim=d, group=g, note="")
+                               kv_heads=hkv, head_dim=d, group=g, impl="", bytes=0, time_us=float("nan"),
+                               gbps=float("nan"), timer="", l2_flushed="", note="")
     fn = None
+    candidates: list[tuple[str, Callable[[], Any]]] = []
     try:
         q = torch.randn(batch, hkv * g, d, device=dev, dtype=torch.float16)
-        if method == "fp16-sdpa":
+        if method == "fp16-flash":
+            candidates, row["bytes"], why = _flash_candidates(q, batch, hkv, context + w, d)
+            row["note"] = why
+        elif method == "fp16-sdpa":
             k = torch.randn(batch, hkv, context + w, d, device=dev, dtype=torch.float16)
             v = torch.randn_like(k)
             q4 = q[:, :, None]
@@ -127,6 +351,8 @@ def run_case(method: str, bits: float | None, context: int, batch: int, args: ar
 
             def fn() -> Any:
                 return torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+
+            candidates = [("torch sdpa enable_gqa=True, default backend (transformers' decode call)", fn)]
         else:
             qk = make_quantizer(hkv, d, bits, args.token_scale, seed=1)
             qv = make_quantizer(hkv, d, bits, args.token_scale, seed=2)
@@ -144,6 +370,8 @@ def run_case(method: str, bits: float | None, context: int, batch: int, args: ar
                 def fn() -> Any:
                     return decode_attention(q, kside, vside, k_fp, v_fp, num_splits=args.num_splits,
                                             block_t=args.block_t, unpack=args.unpack, num_warps=args.num_warps)
+
+                candidates = [(f"triton fused kernel, unpack={args.unpack}", fn)]
             else:
                 q4 = q[:, :, None]
 
@@ -153,18 +381,133 @@ def run_case(method: str, bits: float | None, context: int, batch: int, args: ar
                     values = torch.cat([v_fp[:, :, : args.sinks], qv.decode(vc, vs, torch.float16),
                                         v_fp[:, :, args.sinks :]], 2)
                     return torch.nn.functional.scaled_dot_product_attention(q4, keys, values, enable_gqa=True)
-        fn()
-        torch.cuda.synchronize()
-        ms = do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
-        row["time_us"] = ms * 1e3
-        row["gbps"] = row["bytes"] / (ms * 1e-3) / 1e9
+
+                candidates = [("PyTorch quantizer decode + torch sdpa enable_gqa=True", fn)]
+        results, failures = [], []
+        for impl, cand in candidates:
+            try:
+                cand()
+                torch.cuda.synchronize()
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # e.g. an SDPA backend that does not take these shapes: try the next one
+                failures.append(f"{impl}: {type(exc).__name__}: {' '.join(str(exc).split())[:80]}")
+                continue
+            ms, timer, flushed, note = time_case(cand, args)
+            results.append((ms, impl, timer, flushed, note))
+        if not results:
+            raise RuntimeError("no implementation ran: " + "; ".join(failures))
+        results.sort(key=lambda r: r[0])
+        ms, impl, timer, flushed, note = results[0]
+        others = [f"{i}: {m * 1e3:.1f} us" for m, i, *_ in results[1:]] + failures
+        row.update(impl=impl, timer=timer, l2_flushed=flushed, time_us=ms * 1e3,
+                   gbps=row["bytes"] / (ms * 1e-3) / 1e9)
+        row["note"] = "; ".join(x for x in (row["note"], note, *(f"also tried {o}" for o in others)) if x)
     except torch.cuda.OutOfMemoryError:
         row.update(time_us=float("nan"), gbps=float("nan"), note="out of memory")
-        row.setdefault("bytes", 0)
+    except Exception as exc:  # one broken case must not lose a long run: the row says what happened
+        msg = " ".join(str(exc).split())[:300]
+        row.update(time_us=float("nan"), gbps=float("nan"), note=f"failed: {type(exc).__name__}: {msg}")
     finally:
         fn = None
+        candidates = []
         torch.cuda.empty_cache()
     return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Derived columns, targets, reports (pure: tested on hand-made rows)
+# ---------------------------------------------------------------------------------------------------------------
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def add_derived(rows: list[dict[str, Any]], copy_gbps: float) -> None:
+    """Fill ``copy_gbps``, ``pct_of_copy_bw``, ``speedup_vs_flash`` and ``baseline`` in place.
+
+    The speedup of a compressed row is the time of the fastest fp16 row (any of ``FP16_METHODS``) at the same
+    batch and context divided by its own; NaN where either is missing (not measured, out of memory).
+    """
+    best: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in rows:
+        if r["method"] in FP16_METHODS and _finite(r["time_us"]):
+            key = (r["batch"], r["context"])
+            if key not in best or r["time_us"] < best[key]["time_us"]:
+                best[key] = r
+    for r in rows:
+        r["copy_gbps"] = copy_gbps
+        r["pct_of_copy_bw"] = 100 * r["gbps"] / copy_gbps if _finite(r["gbps"]) and _finite(copy_gbps) else float(
+            "nan")
+        base = best.get((r["batch"], r["context"]))
+        if r["method"] not in FP16_METHODS and base is not None and _finite(r["time_us"]):
+            r["speedup_vs_flash"] = base["time_us"] / r["time_us"]
+            r["baseline"] = base["method"]
+        else:
+            r["speedup_vs_flash"] = float("nan")
+            r["baseline"] = ""
+
+
+def check_targets(rows: list[dict[str, Any]], context: int = 32768,
+                  targets: Sequence[Target] = TARGETS) -> list[dict[str, Any]]:
+    """One result per target and spectralkv row at ``context`` (per batch, and per bits for bandwidth).
+
+    ``status`` is ``"PASS"``, ``"FAIL"`` (including a case that ran out of memory) or ``"NOT MEASURED"`` (no such
+    row: that bit width or context was not run).
+    """
+    out = []
+    for t in targets:
+        matching = [r for r in rows if r["method"] == "spectralkv" and r["context"] == context
+                    and (t.bits is None or math.isclose(float(r["bits"]), t.bits))]
+        if not matching:
+            out.append(dict(target=t.name, batch=None, bits=t.bits, value=float("nan"), threshold=t.threshold,
+                            unit=t.unit, status="NOT MEASURED"))
+        for r in sorted(matching, key=lambda r: (r["batch"], r["bits"])):
+            value = r.get(t.column, float("nan"))
+            status = "PASS" if _finite(value) and value >= t.threshold else "FAIL"
+            out.append(dict(target=t.name, batch=r["batch"], bits=r["bits"], value=value, threshold=t.threshold,
+                            unit=t.unit, status=status))
+    return out
+
+
+def format_targets(results: list[dict[str, Any]], context: int) -> list[str]:
+    lines = []
+    for r in results:
+        where = f"ctx {context}" + ("" if r["batch"] is None else f", batch {r['batch']}, {r['bits']:g} bit")
+        value = "n/a" if not _finite(r["value"]) else f"{r['value']:.2f}{r['unit']}"
+        lines.append(f"{r['status']:12s} {r['target']} ({where}): {value} (target >= {r['threshold']:g}{r['unit']})")
+    return lines
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return format(x, spec) if _finite(x) else "-"
+
+
+def write_markdown(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any], command: str,
+                   target_lines: list[str], target_context: int) -> None:
+    """The results as a Markdown table with its provenance, ready to paste into the README."""
+    order = {m: i for i, m in enumerate(("fp16-flash", "fp16-sdpa", "spectralkv", "dequant-sdpa"))}
+    lines = [
+        "### Decode attention, one layer", "",
+        f"- GPU: {meta.get('gpu', '?')}",
+        f"- Date: {meta.get('timestamp', '?')}",
+        f"- Command: `{command}`",
+        f"- Versions: spectralkv {meta.get('spectralkv', '?')}, torch {meta.get('torch', '?')}, "
+        f"triton {meta.get('triton', '?')}",
+        f"- Measured copy bandwidth: {_fmt(meta.get('copy_gbps'), '.0f')} GB/s (device-to-device copy of "
+        f"{_fmt(meta.get('copy_gb'), '.1f')} GB, read + write bytes / time)",
+        f"- Timer: {meta.get('timer_setting', '?')}; median",
+        "",
+        "| batch | context | method | bits | time (us) | GB/s | % of copy BW | speedup vs best fp16 | impl | note |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["batch"], r["context"], order.get(r["method"], 9), r["bits"])):
+        note = str(r.get("note", "")).replace("|", "/")
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['method']} | {r['bits']:g} | {_fmt(r['time_us'], '.1f')} | "
+            f"{_fmt(r['gbps'], '.0f')} | {_fmt(r.get('pct_of_copy_bw'), '.0f')} | "
+            f"{_fmt(r.get('speedup_vs_flash'), '.2f')} | {r.get('impl', '')} | {note} |")
+    lines += ["", f"Targets at context {target_context}:", ""] + [f"- {t}" for t in target_lines]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -192,9 +535,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.",
@@ -205,12 +550,18 @@ def main(argv: list[str] | None = None) -> int:
     import spectralkv
 
     args.out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "scripts/bench_decode.py", *argv])
     gpu = torch.cuda.get_device_name()
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    copy_gbps, copy_gb = measure_copy_bandwidth(args.copy_gb)
+    print(f"{gpu}: device-to-device copy {copy_gbps:.0f} GB/s ({copy_gb:.1f} GB buffer)", flush=True)
+    timer_setting = ("CUDA graph, one replay per repetition, L2 flushed" if args.l2 == "flush"
+                     else "triton do_bench_cudagraph (L2 not flushed)") if args.timer == "cudagraph" \
+        else "triton do_bench (L2 flushed)"
     meta = dict(gpu=gpu, timestamp=stamp, spectralkv=spectralkv.__version__, torch=torch.__version__,
-                triton=triton.__version__)
+                triton=triton.__version__, copy_gb=copy_gb)
     rows: list[dict[str, Any]] = []
-    cases = [(m, None) for m in ("fp16-sdpa",) if m in args.methods]
+    cases = [(m, None) for m in FP16_METHODS if m in args.methods]
     cases += [(m, b) for m in ("spectralkv", "dequant-sdpa") if m in args.methods for b in args.bits]
     for batch in args.batches:
         for context in args.contexts:
@@ -218,14 +569,24 @@ def main(argv: list[str] | None = None) -> int:
                 row = {**run_case(method, bits, context, batch, args), **meta}
                 rows.append(row)
                 print(f"{method:13s} bits={row['bits']:<4g} ctx={context:<7d} batch={batch:<3d} "
-                      f"{row['time_us']:10.1f} us {row['gbps']:8.1f} GB/s {row['note']}", flush=True)
-    csv_path = args.out / "bench_decode.csv"
+                      f"{row['time_us']:10.1f} us {row['gbps']:8.1f} GB/s "
+                      f"{100 * row['gbps'] / copy_gbps:5.1f}% {row['impl']} {row['note']}", flush=True)
+    add_derived(rows, copy_gbps)
+    results = check_targets(rows, args.target_context)
+    target_lines = format_targets(results, args.target_context)
+    csv_path, md_path, png_path = (args.out / f"bench_decode.{ext}" for ext in ("csv", "md", "png"))
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.out / "bench_decode.png")
-    print(f"wrote {csv_path} and {args.out / 'bench_decode.png'}")
+    write_markdown(rows, md_path, {**meta, "copy_gbps": copy_gbps, "timer_setting": timer_setting}, command,
+                   target_lines, args.target_context)
+    plot(rows, png_path)
+    print(f"\nTargets at context {args.target_context} (measured copy bandwidth {copy_gbps:.0f} GB/s):")
+    for line in target_lines:
+        print("  " + line)
+    print(f"wrote {csv_path}, {md_path} and {png_path}")
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +22,6 @@ from spectralkv import codebook as cb
 from spectralkv.codebook import fit_codebooks
 from spectralkv.packing import unpack
 from spectralkv.quantizer import SpectralQuantizer
-
-REPO = Path(__file__).resolve().parents[1]
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(
@@ -448,40 +445,3 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "_TRITON_STATE", {"modules": None, "error": ImportError("no triton")})
     with pytest.warns(RuntimeWarning, match="falls back"):
         assert not fused.use_triton("auto", torch.device("cuda"))
-
-
-# -- benchmark script ---------------------------------------------------------------------------------------------
-def _bench_module() -> Any:
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_decode
-    finally:
-        sys.path.pop(0)
-    return bench_decode
-
-
-def test_bench_script_help() -> None:
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_decode.py"), "--help"], capture_output=True,
-                         text=True)
-    assert out.returncode == 0 and "--contexts" in out.stdout, out.stderr
-
-
-def test_bench_script_without_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                                  tmp_path: Path) -> None:
-    bench = _bench_module()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench.main(["--contexts", "1k", "--batches", "1", "--out", str(tmp_path)]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
-
-
-def test_bench_script_parses(tmp_path: Path) -> None:
-    bench = _bench_module()
-    args = bench.parse_args(["--contexts", "1k", "128k", "--batches", "1", "16", "--bits", "2.5",
-                             "--out", str(tmp_path)])
-    assert args.contexts == [1024, 131072] and args.batches == [1, 16] and args.bits == [2.5]
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--contexts", "lots"])
-    q = bench.make_quantizer(2, 64, 2.5, token_scale=True)
-    assert q.code_bits_per_token == 2 * 64 * 2.5
-    assert [r.bits for r in q.regimes[0]] == [3, 2]
