@@ -24,12 +24,34 @@ folder = test_validate.folder
 
 
 def _to_format_0(folder: Path) -> None:
-    """Rewrite a format-1 config in the documented pre-release layout (see ``spectralkv.formats``)."""
+    """Rewrite a current config in the documented pre-release layout (see ``spectralkv.formats``)."""
     def edit(d: dict[str, Any]) -> None:
-        for key in ("format_version", "spectralkv_version", "window", "group_size"):
+        for key in ("format_version", "spectralkv_version", "window", "group_size", "outlier_threshold",
+                    "outlier_fraction"):
             d.pop(key)
 
     _edit_json(folder, edit)
+
+
+def _to_format_1(folder: Path) -> None:
+    """Rewrite a current config in format 1 (no outlier fields)."""
+    def edit(d: dict[str, Any]) -> None:
+        d.pop("outlier_threshold")
+        d.pop("outlier_fraction")
+        d["format_version"] = 1
+
+    _edit_json(folder, edit)
+
+
+def test_format_1_upgraded_to_no_outliers(folder: Path) -> None:
+    """Format 1 had no exact outliers: the upgrade says so, and the stored allocation still serves its budget."""
+    _to_format_1(folder)
+    cfg = SpectralKVConfig.from_pretrained(folder)
+    assert (cfg.format_version, cfg.outlier_threshold, cfg.outlier_fraction) == (formats.FORMAT_VERSION, None, 0.0)
+    assert all(q.outlier_threshold is None for q in cfg.quantizers().values())
+    report = validate_calibration(folder)
+    assert report.ok, report.format()
+    assert report["format version"].message.startswith("format 1, upgraded to format 2")
 
 
 def test_every_older_version_has_a_migration() -> None:
@@ -45,11 +67,11 @@ def test_format_0_upgraded_on_load(folder: Path, tiny_llama_calibration: Spectra
     report = validate_calibration(folder)
     assert report.ok, report.format()
     assert report["format version"].message.startswith("format 0 (pre-release layout, no version recorded), "
-                                                       "upgraded to format 1")
+                                                       "upgraded to format 2")
     # saving writes the current format; the upgrade is not needed again
     data = json.loads((cfg.save_pretrained(tmp_path / "resaved") / CONFIG_NAME).read_text())
     assert (data["format_version"], data["window"], data["group_size"]) == (formats.FORMAT_VERSION, 32, 8)
-    assert validate_calibration(tmp_path / "resaved")["format version"].message == "format 1 (current)"
+    assert validate_calibration(tmp_path / "resaved")["format version"].message == "format 2 (current)"
 
 
 def test_format_0_keeps_fields_it_has(folder: Path) -> None:
@@ -70,7 +92,8 @@ def test_format_0_is_still_validated(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [({}, 0), ({"format_version": 1}, 1),
-     ({"format_version": 2}, "format version 2, but this spectralkv reads format version 1 and older"),
+     ({"format_version": 2}, 2),
+     ({"format_version": 3}, "format version 3, but this spectralkv reads format version 2 and older"),
      ({"format_version": 0}, "unknown format version 0"), ({"format_version": -3}, "unknown format version -3"),
      ({"format_version": "1"}, r"'format_version' has the wrong type \(str\)"),
      ({"format_version": True}, r"'format_version' has the wrong type \(bool\)")],
@@ -84,31 +107,32 @@ def test_version_of(data: dict[str, Any], expected: int | str) -> None:
 
 
 def test_upgrade_chains_registered_steps_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a future format 3, a format-0 config goes 0 -> 1 -> 2 -> 3, each step seeing the previous version."""
+    """With future formats 3 and 4, a format-0 config goes 0 -> 1 -> 2 -> 3 -> 4, each step seeing the previous
+    version (the real steps 0 -> 1 -> 2 included)."""
     seen: list[int] = []
 
     def step(d: dict[str, Any]) -> dict[str, Any]:
         seen.append(d["format_version"])
         return {**d, f"added_in_{d['format_version'] + 1}": True}
 
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 3)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 4)
     monkeypatch.setattr(formats, "MIGRATIONS", dict(formats.MIGRATIONS))
-    formats.migration(1)(step)
     formats.migration(2)(step)
+    formats.migration(3)(step)
     original = {"default_bits": 3.0}
     out, version = formats.upgrade(original, CONFIG_NAME)
-    assert version == 0 and out["format_version"] == 3 and seen == [1, 2]
-    assert out["added_in_2"] and out["added_in_3"] and out["window"] == 32
+    assert version == 0 and out["format_version"] == 4 and seen == [2, 3]
+    assert out["added_in_3"] and out["added_in_4"] and out["window"] == 32 and out["outlier_threshold"] is None
     assert original == {"default_bits": 3.0}, "the input is not modified"
-    assert formats.upgrade({"format_version": 2}, CONFIG_NAME)[0]["format_version"] == 3
+    assert formats.upgrade({"format_version": 3}, CONFIG_NAME)[0]["format_version"] == 4
     with pytest.raises(ValueError, match="already registered"):
-        formats.migration(1)(step)
+        formats.migration(2)(step)
 
 
 def test_gap_in_the_registry_is_a_bug_not_an_artifact_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 2)
-    with pytest.raises(RuntimeError, match="No migration from calibration format 1 to 2"):
-        formats.upgrade({"format_version": 1}, CONFIG_NAME)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 3)
+    with pytest.raises(RuntimeError, match="No migration from calibration format 2 to 3"):
+        formats.upgrade({"format_version": 2}, CONFIG_NAME)
 
 
 # -- the packed-row byte format -----------------------------------------------------------------------------------

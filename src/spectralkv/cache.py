@@ -9,28 +9,88 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_laye
 
 from .config import SpectralKVConfig
 from .layer_base import CompressedLayer, GrowableBuffer, TokenStore
-from .quantizer import SpectralQuantizer
+from .quantizer import Outliers, SpectralQuantizer
+
+
+class OutlierBuffer:
+    """The exact outliers of a store: per-token counts ``[B, N]`` plus token-major entries (see :class:`Outliers`)."""
+
+    def __init__(self) -> None:
+        self.counts = GrowableBuffer()
+        self.index = GrowableBuffer(chunk=1024)  # [1, E]
+        self.values = GrowableBuffer(chunk=1024)
+
+    def append(self, o: Outliers) -> None:
+        self.counts.append(o.counts)
+        self.index.append(o.index[None])
+        self.values.append(o.values[None])
+
+    @property
+    def entries(self) -> int:
+        return self.index.length
+
+    def view(self, last: int | None = None) -> Outliers | None:
+        """All outliers, or those of the last ``last`` tokens."""
+        counts = self.counts.view()
+        if counts is None:
+            return None
+        start = 0 if last is None else counts.shape[1] - last
+        tail = counts[:, start:]
+        n = int(tail.long().sum())
+        e = self.entries
+        return Outliers(tail, self.index.data[0, e - n : e], self.values.data[0, e - n : e])
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Rows ``index`` (reordered, repeated): the entries are regrouped token-major for the new rows."""
+        o = self.view()
+        if o is None:
+            return
+        index = index.to(o.counts.device)
+        rows, toks = o.positions()
+        new_row, entry = (rows.unsqueeze(0) == index.unsqueeze(1)).nonzero(as_tuple=True)  # [B', E] matches
+        order = torch.argsort(toks[entry] * index.numel() + new_row, stable=True)
+        entry = entry[order]
+        self.counts.select_batch(index)
+        for buf, src in ((self.index, o.index), (self.values, o.values)):
+            buf.data, buf.length = src[entry][None].clone(), int(entry.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return self.counts.nbytes + self.index.nbytes + self.values.nbytes
 
 
 class SpectralStore(TokenStore):
-    """Packed code rows ``[B, N, row_bytes]`` (uint8) plus optional fp16 per-token scales ``[B, N, H]``."""
+    """Packed code rows ``[B, N, row_bytes]`` (uint8), optional fp16 per-token scales ``[B, N, H]``, and the exact
+    outliers when the quantizer keeps them."""
 
     def __init__(self, quantizer: SpectralQuantizer) -> None:
         self.quantizer = quantizer
         self.codes = GrowableBuffer()
         self.scales = GrowableBuffer()
+        self.outliers = OutlierBuffer()
 
     def append(self, x: torch.Tensor) -> None:
-        packed, scales = self.quantizer.encode(x)
+        packed, scales, outliers = self.quantizer.encode_with_outliers(x)
+        self._store(packed, scales, outliers)
+
+    def _store(self, packed: torch.Tensor, scales: torch.Tensor | None, outliers: Outliers | None) -> None:
         self.codes.append(packed)
         if scales is not None:
             self.scales.append(scales)
+        if outliers is not None:
+            self.outliers.append(outliers)
 
     def decode(self, dtype: torch.dtype) -> torch.Tensor | None:
         codes = self.codes.view()
         if codes is None or codes.shape[1] == 0:
             return None
-        return self.quantizer.decode(codes, self.scales.view(), dtype)
+        return self.quantizer.decode(codes, self.scales.view(), dtype, self.outliers.view())
+
+    def decode_tail(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """The last ``n`` tokens decoded (the rest untouched)."""
+        codes = self.codes.view()[:, -n:]
+        scales = self.scales.view()
+        return self.quantizer.decode(codes, None if scales is None else scales[:, -n:], dtype, self.outliers.view(n))
 
     def __len__(self) -> int:
         return self.codes.length
@@ -38,12 +98,17 @@ class SpectralStore(TokenStore):
     def select_batch(self, index: torch.Tensor) -> None:
         self.codes.select_batch(index)
         self.scales.select_batch(index)
+        self.outliers.select_batch(index)
 
     def memory(self) -> dict[str, int]:
-        return {"codes": self.codes.nbytes, "metadata": self.scales.nbytes}
+        return {"codes": self.codes.nbytes, "metadata": self.scales.nbytes + self.outliers.nbytes}
 
     def bits_per_token(self) -> float:
-        return float(self.quantizer.bits_per_token)
+        """Codes + scales + outlier counts per token, plus the outlier entries actually stored, per token."""
+        q = self.quantizer
+        extra = q.outlier_entry_bits * self.outliers.entries / (len(self) * self.codes.data.shape[0]) if len(self) \
+            else 0.0
+        return float(q.bits_per_token) + extra
 
 
 def left_padding(attention_mask: Any) -> torch.Tensor | None:

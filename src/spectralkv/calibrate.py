@@ -8,8 +8,10 @@
    residual stream through ``o_proj``).
 3. Lloyd-Max codebooks per layer and K/V, fitted to the calibration coordinates, with and without a per-token scale.
 4. Held-out pass: measured codebook distortion per coordinate and bit width; then the choices papers disagree on
-   (relative weight of key vs value errors, per-token scale on/off) are made by fake-quantizing the held-out keys
-   and values at the target budget and measuring the attention output error after ``o_proj``.
+   (relative weight of key vs value errors, per-token scale on/off, which outliers to keep exactly at what cost)
+   are made by fake-quantizing the held-out keys and values at the target budget and measuring the attention
+   output error after ``o_proj``. With an outlier threshold, codebooks are fitted to the coordinates inside it and
+   the bits the outliers cost (measured on held-out text) are taken from the codes, so the budget holds all-in.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .sensitivity import attention_output_gradients, fisher_error
 from .text import calibration_tokens, windows
 
 KEY_WEIGHT_GRID = tuple(2.0**e for e in range(-6, 7))
+OUTLIER_THRESHOLDS: tuple[float | None, ...] = (None, 4.0, 3.5, 3.0)  # standard deviations; None: no outliers
 SAMPLES_PER_SEQUENCE = 64
 MAX_CODEBOOK_SAMPLES = 1 << 17
 
@@ -103,13 +106,19 @@ def calibrate(
     base_model: str | None = None,
     base_model_revision: str | None = None,
     weighting: str = "fisher",
+    outlier_thresholds: tuple[float | None, ...] = OUTLIER_THRESHOLDS,
 ) -> SpectralKVConfig:
     """Calibrate ``model`` on ``text`` and return a config serving budget ``bits`` (and any other budget).
 
     ``weighting="fisher"`` (default) weights each layer's key and value errors by their measured effect on the
     next-token loss (gradients on held-out text); ``"output"`` by relative attention-output error only.
+    ``outlier_thresholds``: candidates for the exact-outlier threshold (None: none); the held-out error at the
+    budget, outliers paid for, picks one.
     """
     bits = check_budget(bits)
+    if not outlier_thresholds or any(t is not None and not t > 0 for t in outlier_thresholds):
+        raise ValueError(f"`outlier_thresholds` must be a non-empty sequence of positive numbers or None, got "
+                         f"{outlier_thresholds!r}.")
     if weighting not in ("fisher", "output"):
         raise ValueError(f"`weighting` must be 'fisher' or 'output', got {weighting!r}.")
     check_supported(model)
@@ -212,10 +221,11 @@ def calibrate(
         for l in layers
     }
 
-    # 4. codebooks and measured distortion, per scale mode ------------------------------------------------------------
-    variants: dict[bool, dict[str, Any]] = {}
+    # 4. codebooks and measured distortion, per scale mode and outlier threshold ------------------------------------
+    variants: dict[tuple[bool, float | None], dict[str, Any]] = {}
     for token_scale in (False, True):
-        cbs, dist = {}, {}
+        for thr in outlier_thresholds:
+            variants[(token_scale, thr)] = {"codebooks": {}, "distortion": {}, "outliers": 0, "coords": 0}
         for l in layers:
             for kind in KINDS:
                 mean = tensors[tensor_name(l, kind, "mean")]
@@ -228,23 +238,30 @@ def calibrate(
                 if token_scale:
                     z_fit, _ = _token_scaled(z_fit)
                     z_held, scale = _token_scaled(z_held)
-                flat = z_fit.reshape(-1)
-                if flat.numel() > MAX_CODEBOOK_SAMPLES:
-                    flat = flat[torch.randperm(flat.numel(), generator=gen)[:MAX_CODEBOOK_SAMPLES]]
-                table = fit_codebooks(flat)
-                cbs[(l, kind)] = table
-                dist[(l, kind)] = distortion_table(z_held, table, scale)
-        variants[token_scale] = {"codebooks": cbs, "distortion": dist}
+                flat_all = z_fit.reshape(-1)
+                for thr in outlier_thresholds:
+                    var = variants[(token_scale, thr)]
+                    flat = flat_all if thr is None else flat_all[flat_all.abs() <= thr]
+                    if flat.numel() > MAX_CODEBOOK_SAMPLES:
+                        flat = flat[torch.randperm(flat.numel(), generator=gen)[:MAX_CODEBOOK_SAMPLES]]
+                    table = fit_codebooks(flat)
+                    var["codebooks"][(l, kind)] = table
+                    var["distortion"][(l, kind)] = distortion_table(z_held, table, scale, exact_beyond=thr)
+                    if thr is not None:
+                        var["outliers"] += int((z_held.abs() > thr).sum())
+                    var["coords"] += z_held.numel()
 
     # 5. per-layer K and V weights, scale mode and K/V balance, chosen by measured error at the target budget ---------
     grads = attention_output_gradients(model, held_seqs, layers, progress) if weighting == "fisher" else {}
 
-    def build(token_scale: bool, multipliers: dict[tuple[int, str], float], key_weight: float) -> SpectralKVConfig:
+    def build(token_scale: bool, multipliers: dict[tuple[int, str], float], key_weight: float,
+              threshold: float | None = None) -> SpectralKVConfig:
+        var = variants[(token_scale, threshold)]
         t = dict(tensors)
         for l in layers:
             for kind in KINDS:
-                t[tensor_name(l, kind, "codebooks")] = variants[token_scale]["codebooks"][(l, kind)]
-                t[tensor_name(l, kind, "distortion")] = variants[token_scale]["distortion"][(l, kind)].float()
+                t[tensor_name(l, kind, "codebooks")] = var["codebooks"][(l, kind)]
+                t[tensor_name(l, kind, "distortion")] = var["distortion"][(l, kind)].float()
                 mult = multipliers.get((l, kind), 1.0) * (key_weight if kind == "k" else 1.0)
                 t[tensor_name(l, kind, "weights")] = tensors[tensor_name(l, kind, "weights")] * mult
                 t[tensor_name(l, kind, "bits")] = torch.zeros(h, d, dtype=torch.uint8)
@@ -252,7 +269,9 @@ def calibrate(
             base_model=base_model or getattr(model.config, "spectralkv_base_model", None)
             or str(getattr(model.config, "_name_or_path", "unknown")),
             fingerprint=fp, compressed_layers=layers, tensors=t, default_bits=bits, token_scale=token_scale,
-            key_weight=key_weight, sink_tokens=sink_tokens, window=window, base_model_revision=base_model_revision,
+            key_weight=key_weight, outlier_threshold=threshold,
+            outlier_fraction=var["outliers"] / max(var["coords"], 1), sink_tokens=sink_tokens, window=window,
+            base_model_revision=base_model_revision,
         )
         alloc = allocate(cfg.weighted_distortion(), cfg.code_bits_for(bits), cfg.group_size)
         for (l, kind), b in alloc.items():
@@ -277,12 +296,12 @@ def calibrate(
         errs = [layer_error(cfg, quant, l, KINDS) for l in layers]
         return float(sum(e[0] for e in errs)), [e[1] for e in errs]
 
-    def fit_multipliers(token_scale: bool, rounds: int = 2) -> dict[tuple[int, str], float]:
+    def fit_multipliers(token_scale: bool, threshold: float | None, rounds: int = 2) -> dict[tuple[int, str], float]:
         """Per (layer, kind) factor turning the static weights into measured loss-weighted error per unit of
         predicted distortion (measured with only that layer's keys, or values, quantized)."""
         mult: dict[tuple[int, str], float] = {}
         for _ in range(rounds):
-            cfg = build(token_scale, mult, 1.0)
+            cfg = build(token_scale, mult, 1.0, threshold)
             quant = cfg.quantizers()
             wd = cfg.weighted_distortion()
             alloc = cfg.allocation()
@@ -299,12 +318,17 @@ def calibrate(
     best: tuple[float, SpectralKVConfig, list[float]] | None = None
     modes = [ts for ts in (False, True) if not (ts and bits * d <= 16)]  # skip scales that would eat the budget
     grid = KEY_WEIGHT_GRID if weighting == "output" else (0.5, 1.0, 2.0)
-    for ts in tqdm(modes, desc="calibration: allocation search", disable=not progress):
-        mult = fit_multipliers(ts) if weighting == "fisher" else {}
+    options = [(ts, thr) for ts in modes for thr in outlier_thresholds]
+    for ts, thr in tqdm(options, desc="calibration: allocation search", disable=not progress):
+        try:
+            mult = fit_multipliers(ts, thr) if weighting == "fisher" else {}
+        except ValueError:  # the scales and outliers alone exceed the budget: not an option at this budget
+            continue
         for kw in grid:
-            cfg = build(ts, mult, kw)
+            cfg = build(ts, mult, kw, thr)
             err, per_layer = heldout_error(cfg)
-            search.append({"token_scale": ts, "key_weight": kw, "heldout_error": err,
+            search.append({"token_scale": ts, "outlier_threshold": thr, "outlier_fraction": cfg.outlier_fraction,
+                           "key_weight": kw, "heldout_error": err,
                            "mean_relative_output_error": sum(per_layer) / len(per_layer), **cfg.kv_split()})
             if best is None or err < best[0]:
                 best = (err, cfg, per_layer)
@@ -329,6 +353,7 @@ def calibrate(
         "layers": measured_layers,
         "kv_split_search": search,
         "chosen": {"token_scale": cfg.token_scale, "key_weight": cfg.key_weight, "heldout_error": err,
+                   "outlier_threshold": cfg.outlier_threshold, "outlier_fraction": cfg.outlier_fraction,
                    "weighting": weighting, "mean_relative_output_error": sum(per_layer) / len(per_layer),
                    **cfg.kv_split()},
         "bytes_per_token": cfg.bytes_per_token(),

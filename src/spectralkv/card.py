@@ -122,6 +122,9 @@ def render_card(config: Any, repo_id: str | None = None, *, evaluation: dict[str
         value_bits=split["value_bits"],
         token_scale=config.token_scale,
         key_weight=config.key_weight,
+        outliers=("off" if config.outlier_threshold is None else
+                  f"beyond {config.outlier_threshold:g} std ({100 * config.outlier_fraction:.2f}% of coordinates, "
+                  f"{config.outlier_bits_per_token / config.coords_per_token:.3f} bits/coord)"),
         bytes_per_token=config.bytes_per_token(config.default_bits),
         fp16_bytes_per_token=fp16,
         sink_tokens=config.sink_tokens,

@@ -92,18 +92,22 @@ def dequantize(codes: torch.Tensor, table: torch.Tensor, bits: int, dtype: torch
     return centroids(table, bits).to(codes.device, dtype)[codes.long()]
 
 
-def distortion_table(u: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def distortion_table(u: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None = None,
+                     exact_beyond: float | None = None) -> torch.Tensor:
     """Measured mean squared error per coordinate for bit widths 0..8, in the standardised domain.
 
     ``u``: ``[..., N, D]`` coordinates as the codebook sees them (standardised, and divided by the per-token scale
     when one is used); ``scale``: ``[..., N, 1]`` per-token scales or None. The error of one element is
     ``(scale * (u - Q(u)))**2``. Returns ``[..., D, MAX_BITS + 1]``; column 0 (no bits: decode to the mean) is the
-    mean of ``(scale * u)**2``.
+    mean of ``(scale * u)**2``. With ``exact_beyond`` t, elements with ``|u| > t`` are stored exactly (outliers) and
+    count as no error.
     """
     s2 = None if scale is None else scale.pow(2)
+    keep = None if exact_beyond is None else (u.abs() <= exact_beyond).to(u.dtype)
 
     def mean(err: torch.Tensor) -> torch.Tensor:
-        return (err if s2 is None else err * s2).mean(-2)
+        err = err if s2 is None else err * s2
+        return (err if keep is None else err * keep).mean(-2)
 
     out = [mean(u.pow(2))]
     for b in range(1, MAX_BITS + 1):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class SpectralKVConfig:
         bits: the active budget; any value in (0, 8] that the calibration can serve (re-allocated on demand).
         token_scale: whether each token/head stores an fp16 scale (chosen at calibration by measured error).
         key_weight: relative weight of key vs value distortion chosen at calibration by measured error.
+        outlier_threshold: coordinates beyond this many standard deviations are kept exactly (dense-and-sparse;
+            chosen at calibration by measured error, None: off).
+        outlier_fraction: fraction of compressed coordinates beyond the threshold on held-out calibration text; the
+            allocation reserves its expected bits so the budget holds all-in.
         sink_tokens: leading tokens kept in full precision.
         window: recent tokens kept in full precision by default.
         calibration: provenance (text source, token counts, sequence length, seed).
@@ -85,6 +90,8 @@ class SpectralKVConfig:
     bits: float | None = None
     token_scale: bool = True
     key_weight: float = 1.0
+    outlier_threshold: float | None = None
+    outlier_fraction: float = 0.0
     sink_tokens: int = 4
     window: int = 32
     group_size: int = GROUP_SIZE
@@ -101,7 +108,14 @@ class SpectralKVConfig:
             raise ValueError(f"`sink_tokens` must be >= 0, got {self.sink_tokens}.")
         if self.window < 0:
             raise ValueError(f"`window` must be >= 0, got {self.window}.")
+        if self.outlier_threshold is not None and not self.outlier_threshold > 0:
+            raise ValueError(f"`outlier_threshold` must be > 0 or None, got {self.outlier_threshold!r}.")
+        if not 0 <= self.outlier_fraction <= 1:
+            raise ValueError(f"`outlier_fraction` must be in [0, 1], got {self.outlier_fraction!r}.")
+        if self.outlier_threshold is None:
+            self.outlier_fraction = 0.0
         self._alloc_cache: dict[float, dict[tuple[int, str], torch.Tensor]] = {}
+        self._stored_allocation = True  # the ``bits`` tensors serve ``default_bits`` with these outlier settings
         if self.bits < self.min_bits:
             raise ValueError(self._budget_too_small(self.bits))
 
@@ -124,14 +138,33 @@ class SpectralKVConfig:
         return SCALE_BITS * 2 * len(self.compressed_layers) * self.num_kv_heads if self.token_scale else 0
 
     @property
+    def outlier_bits_per_token(self) -> float:
+        """Expected bits per token of the exact outliers (per-token counts + entries), over all compressed layers."""
+        if self.outlier_threshold is None:
+            return 0.0
+        coords = self.num_kv_heads * self.head_dim
+        count_bits = 8 if coords <= 255 else 16
+        entry_bits = (8 if coords <= 256 else 16) + 16
+        return count_bits * 2 * len(self.compressed_layers) + self.outlier_fraction * self.coords_per_token * entry_bits
+
+    @property
+    def outlier_cap(self) -> int | None:
+        """Most outliers kept per token per layer and K/V: 4x the calibration's average (at least 2), so text unlike
+        the calibration's (e.g. positions far beyond its sequence length) cannot blow the budget up unboundedly."""
+        if self.outlier_threshold is None:
+            return None
+        return max(2, math.ceil(4 * self.outlier_fraction * self.num_kv_heads * self.head_dim))
+
+    @property
     def min_bits(self) -> float:
-        """Smallest budget this calibration can serve (the per-token scales alone)."""
-        return self.scale_bits_per_token / self.coords_per_token
+        """Smallest budget this calibration can serve (the per-token scales and expected outliers alone)."""
+        return (self.scale_bits_per_token + self.outlier_bits_per_token) / self.coords_per_token
 
     def _budget_too_small(self, bits: float) -> str:
         return (
             f"A budget of {bits} bits per coordinate is too small for this calibration: its per-token fp16 scales "
-            f"alone cost {self.min_bits:.3f} bits per coordinate. Choose a budget above {self.min_bits:.3f}."
+            f"and exact outliers alone cost {self.min_bits:.3f} bits per coordinate. Choose a budget above "
+            f"{self.min_bits:.3f}."
         )
 
     def tensor(self, layer: int, kind: str, name: str) -> torch.Tensor:
@@ -143,15 +176,15 @@ class SpectralKVConfig:
         b = check_budget(self.bits if bits is None else bits)
         if b < self.min_bits:
             raise ValueError(self._budget_too_small(b))
-        if b == self.default_bits:
+        if b == self.default_bits and self._stored_allocation:
             return {(l, k): self.tensor(l, k, "bits") for l in self.compressed_layers for k in KINDS}
         if b not in self._alloc_cache:
             self._alloc_cache[b] = allocate(self.weighted_distortion(), self.code_bits_for(b), self.group_size)
         return self._alloc_cache[b]
 
     def code_bits_for(self, bits: float) -> int:
-        """Code bits per token available at budget ``bits`` once the scales are paid for."""
-        return int(bits * self.coords_per_token + 1e-9) - self.scale_bits_per_token
+        """Code bits per token available at budget ``bits`` once the scales and expected outliers are paid for."""
+        return int(bits * self.coords_per_token - self.outlier_bits_per_token + 1e-9) - self.scale_bits_per_token
 
     def weighted_distortion(self) -> dict[tuple[int, str], torch.Tensor]:
         """``[H, D, 9]`` per (layer, kind): importance weight x eigenvalue x measured codebook MSE."""
@@ -163,10 +196,10 @@ class SpectralKVConfig:
         return out
 
     def effective_bits(self, bits: float | None = None) -> float:
-        """Bits per coordinate actually stored (codes + scales) at budget ``bits``: at most the budget."""
+        """Bits per coordinate stored at budget ``bits`` (codes + scales + expected outliers): at most the budget."""
         alloc = self.allocation(bits)
         code = sum(int(t.long().sum()) for t in alloc.values())
-        return (code + self.scale_bits_per_token) / self.coords_per_token
+        return (code + self.scale_bits_per_token + self.outlier_bits_per_token) / self.coords_per_token
 
     def kv_split(self, bits: float | None = None) -> dict[str, float]:
         """Average code bits per coordinate for keys and for values at budget ``bits``."""
@@ -190,6 +223,8 @@ class SpectralKVConfig:
                 self.tensor(l, k, "codebooks"),
                 alloc[(l, k)],
                 self.token_scale,
+                self.outlier_threshold,
+                self.outlier_cap,
             )
             for (l, k) in alloc
         }
@@ -201,6 +236,16 @@ class SpectralKVConfig:
         if new.bits < self.min_bits:
             raise ValueError(self._budget_too_small(new.bits))
         new._alloc_cache = self._alloc_cache
+        return new
+
+    def without_outliers(self) -> SpectralKVConfig:
+        """A copy that keeps no exact outliers (what the fused Triton kernel reads); the allocation is recomputed
+        with the bits the outliers used."""
+        if self.outlier_threshold is None:
+            return self
+        new = copy.copy(self)
+        new.outlier_threshold, new.outlier_fraction = None, 0.0
+        new._alloc_cache, new._stored_allocation = {}, False
         return new
 
     def bytes_per_token(self, bits: float | None = None) -> float:
@@ -231,6 +276,8 @@ class SpectralKVConfig:
             "default_bits": self.default_bits,
             "token_scale": self.token_scale,
             "key_weight": self.key_weight,
+            "outlier_threshold": self.outlier_threshold,
+            "outlier_fraction": self.outlier_fraction,
             "sink_tokens": self.sink_tokens,
             "window": self.window,
             "group_size": self.group_size,

@@ -12,6 +12,9 @@ Versions:
   full-precision recent window was only a run-time argument (default 32) and allocation groups were fixed at 8
   coordinates. The tensors file is the same as in format 1. The upgrade fills the missing fields with those values.
 - **1**: spectralkv 0.1. Records ``format_version``, ``spectralkv_version``, ``window`` and ``group_size``.
+- **2**: adds ``outlier_threshold`` (exact outlier coordinates, null: off) and ``outlier_fraction`` (their measured
+  share, which the allocation reserves bits for). The upgrade from 1 sets them to null and 0: no outliers, exactly
+  what format 1 meant.
 
 Because format 0 never wrote its number, a config with *no* ``format_version`` is format 0, while a *written*
 ``format_version`` below :data:`FIRST_WRITTEN_VERSION` is unknown and refused.
@@ -26,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 UNVERSIONED = 0  # the pre-release layout: no `format_version` field
 FIRST_WRITTEN_VERSION = 1
 PRE_RELEASE_WINDOW = 32
@@ -54,6 +57,14 @@ def _pre_release_to_1(data: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("window", PRE_RELEASE_WINDOW)
     out.setdefault("group_size", PRE_RELEASE_GROUP_SIZE)
     out.setdefault("spectralkv_version", "pre-release")
+    return out
+
+
+@migration(1)
+def _no_outliers_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    out.setdefault("outlier_threshold", None)
+    out.setdefault("outlier_fraction", 0.0)
     return out
 
 

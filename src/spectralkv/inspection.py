@@ -40,7 +40,8 @@ def summary_text(config: SpectralKVConfig, bits: float | None = None) -> str:
         f"{config.num_kv_heads} KV heads x head_dim {config.head_dim}",
         f"  budget {b:g} bits/coord -> stored {config.effective_bits(b):.3f} bits/coord "
         f"(keys {split['key_bits']:.2f}, values {split['value_bits']:.2f} code bits; "
-        f"per-token scale: {config.token_scale}, key weight {config.key_weight:g})",
+        f"per-token scale: {config.token_scale}, key weight {config.key_weight:g}, outliers: "
+        f"{'off' if config.outlier_threshold is None else f'>{config.outlier_threshold:g} std'})",
         f"  bytes per token: {config.bytes_per_token(b):.0f} compressed vs {fp16} fp16 "
         f"({fp16 / config.bytes_per_token(b):.1f}x smaller); sinks {config.sink_tokens}, window {config.window}",
         "",

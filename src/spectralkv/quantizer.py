@@ -3,6 +3,11 @@
 Write path, per token and KV head: ``z = U^T (x - mu) / sqrt(lambda)`` (rotated, centred, standardised), optionally
 divided by a per-token scale ``s = rms(z)`` stored in fp16, then each coordinate is replaced by the index of its
 nearest centroid in the codebook of its bit width, and the codes are packed (see :mod:`spectralkv.packing`).
+
+Outliers (dense-and-sparse): with an ``outlier_threshold`` t, every coordinate with ``|z| > t`` (in the codebook's
+domain, after the per-token scale) is also stored exactly, as an fp16 value plus its index within the token, and
+decodes to that value. Heavy tails are what a fixed codebook handles worst: on SmolLM2 keeping the 0.25% of
+coordinates beyond 4 standard deviations halved the 4-bit perplexity loss. See :class:`Outliers` for the layout.
 Coordinates are permuted so each bit width is a contiguous byte-aligned range of the row; 0-bit coordinates cost
 nothing and decode to the mean. The Triton kernels use exactly this layout and must reproduce these numbers.
 """
@@ -18,6 +23,27 @@ from .packing import pack, packed_bytes, unpack
 
 EIGENVALUE_FLOOR = 1e-10
 SCALE_FLOOR = 1e-6
+
+
+@dataclass
+class Outliers:
+    """The exact coordinates of a block of tokens ``[B, T]``, in CSR form ordered token-major (t, then b, then index).
+
+    ``counts[b, t]`` is how many entries token ``t`` of row ``b`` has; ``index`` is ``head * D + coordinate`` in
+    packing order; ``values`` the coordinate in the codebook's domain (fp16). Token-major order lets a store append
+    block after block and still find the entries of its last ``n`` tokens at the end.
+    """
+
+    counts: torch.Tensor  # [B, T] uint8 (int16 when a token has more than 255 coordinates)
+    index: torch.Tensor  # [E] uint8 (int16 when H * D > 256)
+    values: torch.Tensor  # [E] fp16
+
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row b, token t) of every entry."""
+        b, t = self.counts.shape
+        flat = self.counts.t().reshape(-1).long()
+        tb = torch.repeat_interleave(torch.arange(t * b, device=flat.device), flat)
+        return tb % b, tb // b
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,9 @@ class SpectralQuantizer:
         codebooks: ``[8, 256]`` Lloyd-Max centroid table (see :func:`spectralkv.codebook.fit_codebooks`).
         bits: ``[H, D]`` bits per coordinate (eigen order), each bit width used a multiple of 8 times per head.
         token_scale: whether each token carries an fp16 scale.
+        outlier_threshold: coordinates beyond this many (scaled) standard deviations are stored exactly; None: off.
+        outlier_cap: at most this many outliers per token (all heads; the largest are kept), which bounds the
+            worst case on text unlike the calibration's; None: no cap.
     """
 
     def __init__(
@@ -54,9 +83,17 @@ class SpectralQuantizer:
         codebooks: torch.Tensor,
         bits: torch.Tensor,
         token_scale: bool,
+        outlier_threshold: float | None = None,
+        outlier_cap: int | None = None,
     ) -> None:
         self.num_heads, self.head_dim = mean.shape
         self.token_scale = bool(token_scale)
+        if outlier_threshold is not None and not outlier_threshold > 0:
+            raise ValueError(f"outlier_threshold must be > 0 or None, got {outlier_threshold!r}.")
+        self.outlier_threshold = None if outlier_threshold is None else float(outlier_threshold)
+        if outlier_cap is not None and outlier_cap < 1:
+            raise ValueError(f"outlier_cap must be >= 1 or None, got {outlier_cap!r}.")
+        self.outlier_cap = outlier_cap
         self.bits = bits.to(torch.uint8).cpu()
         self.codebooks = codebooks.float()
         perm = torch.argsort(self.bits.long(), dim=-1, descending=True, stable=True)  # [H, D]
@@ -93,8 +130,25 @@ class SpectralQuantizer:
 
     @property
     def bits_per_token(self) -> int:
-        """Bits stored per token for all heads of this layer: codes plus fp16 scales."""
-        return self.code_bits_per_token + (16 * self.num_heads if self.token_scale else 0)
+        """Fixed bits stored per token for all heads of this layer: codes, fp16 scales and the outlier count
+        (the outlier entries themselves come on top, :attr:`outlier_entry_bits` each)."""
+        return self.code_bits_per_token + (16 * self.num_heads if self.token_scale else 0) + self.outlier_count_bits
+
+    @property
+    def coords(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def outlier_count_bits(self) -> int:
+        """Bits of the per-token outlier count (0 without outliers)."""
+        if self.outlier_threshold is None:
+            return 0
+        return 8 if self.coords <= 255 else 16
+
+    @property
+    def outlier_entry_bits(self) -> int:
+        """Bits per stored outlier: its index within the token and its fp16 value."""
+        return (8 if self.coords <= 256 else 16) + 16
 
     # -- tensors on the right device (the layer's device, moved lazily) -----------------------------------------
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -110,7 +164,54 @@ class SpectralQuantizer:
         return torch.einsum("bhtd,hde->bhte", x.float() - mean[:, None, :], enc)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, H, T, D]`` -> (packed ``[B, T, row_bytes]`` uint8, scales ``[B, T, H]`` fp16 or None)."""
+        """``[B, H, T, D]`` -> (packed ``[B, T, row_bytes]`` uint8, scales ``[B, T, H]`` fp16 or None).
+
+        Codes and scales only: use :meth:`encode_with_outliers` when the quantizer keeps outliers."""
+        return self.encode_with_outliers(x)[:2]
+
+    def outlier_mask(self, z: torch.Tensor) -> torch.Tensor | None:
+        """``[B, H, T, D]`` bool: the coordinates stored exactly (beyond the threshold, at most ``outlier_cap``
+        largest per token)."""
+        if self.outlier_threshold is None:
+            return None
+        mask = z.abs() > self.outlier_threshold
+        b, h, t, d = z.shape
+        if self.outlier_cap is not None and self.outlier_cap < h * d:
+            mag = z.abs().masked_fill(~mask, 0).permute(0, 2, 1, 3).reshape(b, t, h * d)
+            over = (mask.permute(0, 2, 1, 3).reshape(b, t, h * d).sum(-1) > self.outlier_cap).unsqueeze(-1)
+            if bool(over.any()):
+                kth = mag.topk(self.outlier_cap, dim=-1).values[..., -1:]  # smallest kept magnitude per token
+                keep = ~over | (mag >= kth)
+                mask = mask & keep.reshape(b, t, h, d).permute(0, 2, 1, 3)
+        return mask
+
+    def find_outliers(self, z: torch.Tensor) -> Outliers | None:
+        """Coordinates of ``z`` ``[B, H, T, D]`` (codebook domain, packing order) to store exactly."""
+        full = self.outlier_mask(z)
+        if full is None:
+            return None
+        b, h, t, d = z.shape
+        zt = z.permute(2, 0, 1, 3).reshape(t, b, h * d)  # token-major
+        mask = full.permute(2, 0, 1, 3).reshape(t, b, h * d)
+        counts = mask.sum(-1).t().contiguous()  # [B, T]
+        tb, idx = mask.reshape(t * b, h * d).nonzero(as_tuple=True)
+        values = zt.reshape(t * b, h * d)[tb, idx].to(torch.float16)
+        return Outliers(counts.to(torch.uint8 if self.coords <= 255 else torch.int16),
+                        idx.to(torch.uint8 if self.coords <= 256 else torch.int16), values)
+
+    @staticmethod
+    def apply_outliers(z: torch.Tensor, outliers: Outliers | None) -> torch.Tensor:
+        """Write the exact coordinates into ``z`` ``[B, H, T, D]`` (in place; returned)."""
+        if outliers is None or outliers.values.numel() == 0:
+            return z
+        b, h, t, d = z.shape
+        rows, toks = outliers.positions()
+        idx = outliers.index.long()
+        z[rows, idx // d, toks, idx % d] = outliers.values.to(z.dtype)
+        return z
+
+    def encode_with_outliers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Outliers | None]:
+        """Like :meth:`encode`, plus the exact outliers (None when the threshold is off)."""
         _, _, _, table = self._on(x.device)
         z = self.rotate(x)
         scales = None
@@ -118,6 +219,7 @@ class SpectralQuantizer:
             scales = z.pow(2).mean(-1).sqrt().clamp_min(SCALE_FLOOR).to(torch.float16)  # [B, H, T]
             z = z / scales.float().unsqueeze(-1)
             scales = scales.transpose(1, 2).contiguous()
+        outliers = self.find_outliers(z)
         b, _, t, _ = z.shape
         out = torch.empty(b, t, self.row_bytes, dtype=torch.uint8, device=x.device)
         for h in range(self.num_heads):
@@ -126,9 +228,10 @@ class SpectralQuantizer:
                 codes = cb.quantize(z[:, h, :, r.start : r.start + r.count], table, r.bits)
                 o = base + r.byte_offset
                 out[:, :, o : o + r.nbytes] = pack(codes, r.bits)
-        return out, scales
+        return out, scales, outliers
 
-    def decode_rotated(self, packed: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    def decode_rotated(self, packed: torch.Tensor, scales: torch.Tensor | None,
+                       outliers: Outliers | None = None) -> torch.Tensor:
         """Packed rows -> reconstructed standardised coordinates ``[B, H, T, D]`` (packing order, float32)."""
         _, _, _, table = self._on(packed.device)
         b, t, _ = packed.shape
@@ -139,21 +242,23 @@ class SpectralQuantizer:
                 o = base + r.byte_offset
                 codes = unpack(packed[:, :, o : o + r.nbytes], r.bits, r.count)
                 z[:, h, :, r.start : r.start + r.count] = cb.dequantize(codes, table, r.bits, torch.float32)
+        self.apply_outliers(z, outliers)
         if scales is not None:
             z = z * scales.transpose(1, 2).float().unsqueeze(-1)
         return z
 
-    def decode(self, packed: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Packed rows -> ``[B, H, T, D]`` keys or values in ``dtype``."""
+    def decode(self, packed: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
+               outliers: Outliers | None = None) -> torch.Tensor:
+        """Packed rows (and their outliers) -> ``[B, H, T, D]`` keys or values in ``dtype``."""
         mean, _, dec, _ = self._on(packed.device)
-        z = self.decode_rotated(packed, scales)
+        z = self.decode_rotated(packed, scales, outliers)
         return (torch.einsum("bhte,hed->bhtd", z, dec) + mean[:, None, :]).to(dtype)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """What the cache returns for ``x`` after encode + decode, without the (lossless) packing step.
 
         Used by calibration, where the same tokens are quantized many times; equal to
-        ``decode(*encode(x))`` (the tests check it).
+        ``decode(*encode_with_outliers(x))`` (the tests check it).
         """
         mean, _, dec, table = self._on(x.device)
         z = self.rotate(x)
@@ -166,6 +271,9 @@ class SpectralQuantizer:
             for r in self.regimes[h]:
                 sl = slice(r.start, r.start + r.count)
                 zq[:, h, :, sl] = cb.dequantize(cb.quantize(z[:, h, :, sl], table, r.bits), table, r.bits, z.dtype)
+        mask = self.outlier_mask(z)
+        if mask is not None:
+            zq = torch.where(mask, z.half().to(z.dtype), zq)
         if scales is not None:
             zq = zq * scales
         return (torch.einsum("bhte,hed->bhtd", zq, dec) + mean[:, None, :]).to(x.dtype)

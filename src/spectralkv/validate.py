@@ -39,6 +39,8 @@ REQUIRED = {
     "default_bits": (int, float),
     "token_scale": bool,
     "key_weight": (int, float),
+    "outlier_threshold": (int, float, type(None)),
+    "outlier_fraction": (int, float),
     "sink_tokens": int,
     "window": int,
     "group_size": int,
@@ -88,6 +90,10 @@ def check_schema(data: dict[str, Any], filename: str) -> None:
     # Checked here so a bad artifact is a CalibrationFormatError, not a ValueError from the config's constructor.
     if not 0 < data["default_bits"] <= MAX_BITS:
         _fail(f"{filename}: default_bits must be in (0, {MAX_BITS}], got {data['default_bits']!r}.")
+    t, f = data["outlier_threshold"], data["outlier_fraction"]
+    if (t is not None and (isinstance(t, bool) or not 0 < t < float("inf"))) or not 0 <= f <= 1:
+        _fail(f"{filename}: outlier_threshold must be positive or null and outlier_fraction in [0, 1], got {t!r} "
+              f"and {f!r}.")
     for key in ("sink_tokens", "window"):
         if data[key] < 0:
             _fail(f"{filename}: {key} must be >= 0, got {data[key]}.")
@@ -281,6 +287,8 @@ def build_config(cls: Any, tensors: dict[str, torch.Tensor], data: dict[str, Any
             default_bits=float(data["default_bits"]),
             token_scale=data["token_scale"],
             key_weight=float(data["key_weight"]),
+            outlier_threshold=None if data["outlier_threshold"] is None else float(data["outlier_threshold"]),
+            outlier_fraction=float(data["outlier_fraction"]),
             sink_tokens=data["sink_tokens"],
             window=data["window"],
             group_size=data["group_size"],

@@ -198,17 +198,11 @@ def bits_per_coordinate(cache: Cache, model: Any) -> float | None:
 def decode_tail(store: TokenStore, n: int, dtype: torch.dtype) -> torch.Tensor:
     """The last ``n`` tokens of ``store`` decoded, without decoding the rest.
 
-    Uses the store's own ``decode_tail`` when it has one (KIVI-style, TurboQuant-style), the quantizer of a
-    :class:`~spectralkv.cache.SpectralStore` on its last rows; raises ``TypeError`` for any other store."""
+    Uses the store's own ``decode_tail`` (spectralkv, KIVI-style, TurboQuant-style); raises ``TypeError`` for a store
+    without one."""
     tail = getattr(store, "decode_tail", None)
     if callable(tail):
         return tail(n, dtype)
-    from ..cache import SpectralStore
-
-    if isinstance(store, SpectralStore):
-        codes = store.codes.view()[:, -n:]
-        scales = store.scales.view()
-        return store.quantizer.decode(codes, None if scales is None else scales[:, -n:], dtype)
     raise TypeError(f"{type(store).__name__} has no decode_tail")
 
 
