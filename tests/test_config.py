@@ -109,7 +109,7 @@ def test_min_bits(tiny_llama_calibration: SpectralKVConfig, tmp_path: Path) -> N
     cfg = with_token_scale(tiny_llama_calibration)
     assert cfg.min_bits == 1.0
     for call in (lambda: cfg.with_bits(0.75), lambda: cfg.allocation(0.5), lambda: dataclasses.replace(cfg, bits=0.9)):
-        with pytest.raises(ValueError, match=r"too small .* scales alone cost 1\.000 bits .* above 1\.000"):
+        with pytest.raises(ValueError, match=r"too small .* and exact outliers alone cost 1\.000 bits .* above 1\.000"):
             call()
     cfg.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="too small"):

@@ -105,7 +105,10 @@ def test_runner_all_methods_writes_outputs(smollm2: tuple[Any, Any], smollm2_cal
     fp16 = _run(results, "fp16")
     assert fp16["fidelity"]["mean"] == pytest.approx(1.0, abs=1e-5)
     skv = _run(results, "spectralkv@3")
-    assert skv["bits_per_coordinate"] == pytest.approx(smollm2_calibration.effective_bits(3.0))
+    # codes and scales as allocated; exact outliers as found in this text (the allocation reserved their expected share)
+    cal = smollm2_calibration.with_bits(3.0)
+    fixed = cal.effective_bits() - cal.outlier_fraction * 24  # 24 bits per outlier entry on SmolLM2 (192 coordinates)
+    assert fixed <= skv["bits_per_coordinate"] <= fixed + 0.25 and abs(skv["bits_per_coordinate"] - 3.0) < 0.1
     assert 0.5 < skv["fidelity"]["mean"] < 1.0 and len(skv["fidelity"]["per_layer"]) == 30
     assert skv["needle"]["total"] == 1
     paths = write_outputs(results, tmp_path, plot=True)

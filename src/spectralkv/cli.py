@@ -104,7 +104,8 @@ def _generate(model: Any, tok: Any, cfg: Any, prompt: str, max_new_tokens: int, 
     print(f"\n[spectralkv {cfg.bits:g} bits/coord, window {report and window if window is not None else cfg.window}, "
           f"{t_skv:.1f} s]\n{tok.decode(out.sequences[0, n:], skip_special_tokens=True)}")
     print(f"\nKV cache after {report['seq_length']} tokens: {report['resident_bytes'] / 1024:.0f} KiB resident "
-          f"(codes {report['codes_bytes'] / 1024:.0f} KiB, scales {report['metadata_bytes'] / 1024:.0f} KiB, "
+          f"(codes {report['codes_bytes'] / 1024:.0f} KiB, scales and outliers "
+          f"{report['metadata_bytes'] / 1024:.0f} KiB, "
           f"fp sinks+window {(report['sinks_bytes'] + report['window_bytes']) / 1024:.0f} KiB) vs "
           f"{report['fp16_bytes'] / 1024:.0f} KiB for an fp16 cache; "
           f"compressed tokens cost {cfg.bytes_per_token():.0f} B/token vs {2 * cfg.coords_per_token} B/token fp16.")
