@@ -84,7 +84,7 @@ def smollm2_calibration(smollm2: tuple[Any, Any], tmp_path_factory: pytest.TempP
     from spectralkv.calibrate import calibrate
 
     model, tok = smollm2
-    cfg = calibrate(model, tok, bits=3.0, tokens=3072, heldout_tokens=1024, progress=False)
+    cfg = calibrate(model, tok, bits=3.0, tokens=3072, heldout_tokens=1024, seq_len=512, progress=False)
     folder = tmp_path_factory.mktemp("smollm2-skv")
     cfg.save_pretrained(folder)
     return SpectralKVConfig.from_pretrained(folder, model=model)

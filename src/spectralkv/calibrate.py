@@ -98,7 +98,7 @@ def calibrate(
     text: str = "pydoc",
     tokens: int = 32768,
     heldout_tokens: int = 2048,
-    seq_len: int = 512,
+    seq_len: int = 2048,
     sink_tokens: int = 4,
     window: int = 32,
     seed: int = 0,
@@ -112,6 +112,9 @@ def calibrate(
 
     ``weighting="fisher"`` (default) weights each layer's key and value errors by their measured effect on the
     next-token loss (gradients on held-out text); ``"output"`` by relative attention-output error only.
+    ``seq_len``: tokens per calibration sequence. Post-RoPE key statistics depend on position, so sequences as long
+    as the contexts served matter: on SmolLM2, 2048 instead of 512 (same tokens) cut the 4-bit perplexity loss from
+    +0.49% to +0.30%, +2.4% to +2.0% at 3 bits, and kept the exact outliers within their reserved share.
     ``outlier_thresholds``: candidates for the exact-outlier threshold (None: none); the held-out error at the
     budget, outliers paid for, picks one.
     """

@@ -30,7 +30,8 @@ def _add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default="pydoc", help="'pydoc' (stdlib pydoc_data.topics) or a UTF-8 text file")
     p.add_argument("--tokens", type=int, default=32768, help="fitting tokens (default 32768)")
     p.add_argument("--heldout-tokens", type=int, default=2048, help="held-out calibration tokens (default 2048)")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=2048,
+                   help="tokens per calibration sequence; about the contexts you serve (default 2048)")
     p.add_argument("--bits", type=_budget, default=3.0, help="default budget, bits per coordinate in (0, 8]")
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window", type=int, default=32, help="default full-precision recent window")

@@ -142,10 +142,11 @@ class SpectralKVConfig:
         """Expected bits per token of the exact outliers (per-token counts + entries), over all compressed layers."""
         if self.outlier_threshold is None:
             return 0.0
+        from .quantizer import outlier_count_bits, outlier_entry_bits
+
         coords = self.num_kv_heads * self.head_dim
-        count_bits = 8 if coords <= 255 else 16
-        entry_bits = (8 if coords <= 256 else 16) + 16
-        return count_bits * 2 * len(self.compressed_layers) + self.outlier_fraction * self.coords_per_token * entry_bits
+        return (outlier_count_bits(coords) * 2 * len(self.compressed_layers)
+                + self.outlier_fraction * self.coords_per_token * outlier_entry_bits(coords))
 
     @property
     def outlier_cap(self) -> int | None:

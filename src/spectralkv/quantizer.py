@@ -25,6 +25,16 @@ EIGENVALUE_FLOOR = 1e-10
 SCALE_FLOOR = 1e-6
 
 
+def outlier_count_bits(coords: int) -> int:
+    """Bits of one token's outlier count, for ``coords`` coordinates per token (all heads of a layer)."""
+    return 8 if coords <= 255 else 16
+
+
+def outlier_entry_bits(coords: int) -> int:
+    """Bits of one stored outlier: its index within the token and its fp16 value."""
+    return (8 if coords <= 256 else 16) + 16
+
+
 @dataclass
 class Outliers:
     """The exact coordinates of a block of tokens ``[B, T]``, in CSR form ordered token-major (t, then b, then index).
@@ -141,14 +151,12 @@ class SpectralQuantizer:
     @property
     def outlier_count_bits(self) -> int:
         """Bits of the per-token outlier count (0 without outliers)."""
-        if self.outlier_threshold is None:
-            return 0
-        return 8 if self.coords <= 255 else 16
+        return 0 if self.outlier_threshold is None else outlier_count_bits(self.coords)
 
     @property
     def outlier_entry_bits(self) -> int:
         """Bits per stored outlier: its index within the token and its fp16 value."""
-        return (8 if self.coords <= 256 else 16) + 16
+        return outlier_entry_bits(self.coords)
 
     # -- tensors on the right device (the layer's device, moved lazily) -----------------------------------------
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
