@@ -418,7 +418,8 @@ def run_case(method: str, bits: float | None, context: int, batch: int, args: ar
 # ---------------------------------------------------------------------------------------------------------------
 # Derived columns, targets, reports (pure: tested on hand-made rows)
 # ---------------------------------------------------------------------------------------------------------------
-def _finite(x: Any) -> bool:
+def is_finite(x: Any) -> bool:
+    """A real, finite number (CSV cells of failed cases hold NaN or text)."""
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
@@ -430,16 +431,16 @@ def add_derived(rows: list[dict[str, Any]], copy_gbps: float) -> None:
     """
     best: dict[tuple[int, int], dict[str, Any]] = {}
     for r in rows:
-        if r["method"] in FP16_METHODS and _finite(r["time_us"]):
+        if r["method"] in FP16_METHODS and is_finite(r["time_us"]):
             key = (r["batch"], r["context"])
             if key not in best or r["time_us"] < best[key]["time_us"]:
                 best[key] = r
     for r in rows:
         r["copy_gbps"] = copy_gbps
-        r["pct_of_copy_bw"] = 100 * r["gbps"] / copy_gbps if _finite(r["gbps"]) and _finite(copy_gbps) else float(
+        r["pct_of_copy_bw"] = 100 * r["gbps"] / copy_gbps if is_finite(r["gbps"]) and is_finite(copy_gbps) else float(
             "nan")
         base = best.get((r["batch"], r["context"]))
-        if r["method"] not in FP16_METHODS and base is not None and _finite(r["time_us"]):
+        if r["method"] not in FP16_METHODS and base is not None and is_finite(r["time_us"]):
             r["speedup_vs_flash"] = base["time_us"] / r["time_us"]
             r["baseline"] = base["method"]
         else:
@@ -463,7 +464,7 @@ def check_targets(rows: list[dict[str, Any]], context: int = 32768,
                             unit=t.unit, status="NOT MEASURED"))
         for r in sorted(matching, key=lambda r: (r["batch"], r["bits"])):
             value = r.get(t.column, float("nan"))
-            status = "PASS" if _finite(value) and value >= t.threshold else "FAIL"
+            status = "PASS" if is_finite(value) and value >= t.threshold else "FAIL"
             out.append(dict(target=t.name, batch=r["batch"], bits=r["bits"], value=value, threshold=t.threshold,
                             unit=t.unit, status=status))
     return out
@@ -473,13 +474,14 @@ def format_targets(results: list[dict[str, Any]], context: int) -> list[str]:
     lines = []
     for r in results:
         where = f"ctx {context}" + ("" if r["batch"] is None else f", batch {r['batch']}, {r['bits']:g} bit")
-        value = "n/a" if not _finite(r["value"]) else f"{r['value']:.2f}{r['unit']}"
+        value = "n/a" if not is_finite(r["value"]) else f"{r['value']:.2f}{r['unit']}"
         lines.append(f"{r['status']:12s} {r['target']} ({where}): {value} (target >= {r['threshold']:g}{r['unit']})")
     return lines
 
 
-def _fmt(x: Any, spec: str) -> str:
-    return format(x, spec) if _finite(x) else "-"
+def fmt(x: Any, spec: str) -> str:
+    """``x`` formatted with ``spec``, or "-" for a case that did not run."""
+    return format(x, spec) if is_finite(x) else "-"
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any], command: str,
@@ -493,8 +495,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any],
         f"- Command: `{command}`",
         f"- Versions: spectralkv {meta.get('spectralkv', '?')}, torch {meta.get('torch', '?')}, "
         f"triton {meta.get('triton', '?')}",
-        f"- Measured copy bandwidth: {_fmt(meta.get('copy_gbps'), '.0f')} GB/s (device-to-device copy of "
-        f"{_fmt(meta.get('copy_gb'), '.1f')} GB, read + write bytes / time)",
+        f"- Measured copy bandwidth: {fmt(meta.get('copy_gbps'), '.0f')} GB/s (device-to-device copy of "
+        f"{fmt(meta.get('copy_gb'), '.1f')} GB, read + write bytes / time)",
         f"- Timer: {meta.get('timer_setting', '?')}; median",
         "",
         "| batch | context | method | bits | time (us) | GB/s | % of copy BW | speedup vs best fp16 | impl | note |",
@@ -503,9 +505,9 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any],
     for r in sorted(rows, key=lambda r: (r["batch"], r["context"], order.get(r["method"], 9), r["bits"])):
         note = str(r.get("note", "")).replace("|", "/")
         lines.append(
-            f"| {r['batch']} | {r['context']} | {r['method']} | {r['bits']:g} | {_fmt(r['time_us'], '.1f')} | "
-            f"{_fmt(r['gbps'], '.0f')} | {_fmt(r.get('pct_of_copy_bw'), '.0f')} | "
-            f"{_fmt(r.get('speedup_vs_flash'), '.2f')} | {r.get('impl', '')} | {note} |")
+            f"| {r['batch']} | {r['context']} | {r['method']} | {r['bits']:g} | {fmt(r['time_us'], '.1f')} | "
+            f"{fmt(r['gbps'], '.0f')} | {fmt(r.get('pct_of_copy_bw'), '.0f')} | "
+            f"{fmt(r.get('speedup_vs_flash'), '.2f')} | {r.get('impl', '')} | {note} |")
     lines += ["", f"Targets at context {target_context}:", ""] + [f"- {t}" for t in target_lines]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -35,7 +35,6 @@ import argparse
 import csv
 import datetime as dt
 import gc
-import math
 import shlex
 import sys
 import time
@@ -44,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, run as a script or loaded by path
+from bench_decode import fmt, is_finite, parse_size  # noqa: E402
 
 METHODS = ("fp16-dynamic", "fp16-static", "spectralkv")
 FP16_METHODS = ("fp16-dynamic", "fp16-static")
@@ -56,19 +58,6 @@ TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_
 TINY_RUN = dict(context=64, batches=[2], new_tokens=8, window=8, sinks=2, warmup_tokens=2, search_new_tokens=2)
 FULL_RUN = dict(context=32768, batches=[8], new_tokens=128, window=32, sinks=4, warmup_tokens=20,
                 search_new_tokens=8)
-
-
-def parse_size(text: str) -> int:
-    """``"4k"`` -> 4096, ``"1500"`` -> 1500."""
-    t = text.strip().lower()
-    mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
-    try:
-        value = int(t[:-1] if mult > 1 else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096 or 4k)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -373,10 +362,6 @@ def find_max_batch(fits: Callable[[int], bool], limit: int, start: int = 1) -> t
     return lo, False
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def add_speedups(rows: list[dict[str, Any]]) -> None:
     """Fill ``speedup_vs_fp16`` (vs fp16-dynamic), ``speedup_vs_best_fp16`` and ``baseline`` in place.
 
@@ -384,14 +369,14 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
     """
     by_key: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
-        if r.get("mode", "throughput") == "throughput" and r["method"] in FP16_METHODS and _finite(r["decode_tok_s"]):
+        if r.get("mode", "throughput") == "throughput" and r["method"] in FP16_METHODS and is_finite(r["decode_tok_s"]):
             by_key.setdefault((r["batch"], r["context"]), {})[r["method"]] = r
     for r in rows:
         r["speedup_vs_fp16"] = r["speedup_vs_best_fp16"] = float("nan")
         r["baseline"] = ""
         fp = by_key.get((r["batch"], r["context"]), {})
         if r.get("mode", "throughput") != "throughput" or r["method"] in FP16_METHODS or not fp \
-                or not _finite(r["decode_tok_s"]):
+                or not is_finite(r["decode_tok_s"]):
             continue
         if "fp16-dynamic" in fp:
             r["speedup_vs_fp16"] = r["decode_tok_s"] / fp["fp16-dynamic"]["decode_tok_s"]
@@ -411,7 +396,7 @@ def check_targets(rows: list[dict[str, Any]], target: float = TARGET_SPEEDUP) ->
             pairs.append(("speedup_vs_best_fp16", f"best fp16 ({r['baseline'] or 'none measured'})"))
         for column, against in pairs:
             value = r[column]
-            status = "PASS" if _finite(value) and value >= target else ("FAIL" if _finite(value) else "NOT MEASURED")
+            status = ("PASS" if value >= target else "FAIL") if is_finite(value) else "NOT MEASURED"
             out.append(dict(batch=r["batch"], context=r["context"], bits=r["bits"], against=against, value=value,
                             threshold=target, status=status))
     if not skv:
@@ -424,7 +409,7 @@ def format_targets(results: Sequence[dict[str, Any]]) -> list[str]:
     lines = []
     for r in results:
         where = "" if r["batch"] is None else f" (batch {r['batch']}, ctx {r['context']}, {r['bits']:g} bit)"
-        value = f"{r['value']:.2f}x" if _finite(r["value"]) else "n/a"
+        value = f"{r['value']:.2f}x" if is_finite(r["value"]) else "n/a"
         lines.append(f"{r['status']:12s} decode speedup vs {r['against']}{where}: {value} "
                      f"(target >= {r['threshold']:g}x)")
     return lines
@@ -433,10 +418,6 @@ def format_targets(results: Sequence[dict[str, Any]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------------------------
-def _fmt(x: Any, spec: str) -> str:
-    return format(x, spec) if _finite(x) else "-"
-
-
 def _label(r: dict[str, Any]) -> str:
     return f"spectralkv {r['bits']:g} bit" if r["method"] == "spectralkv" else r["method"]
 
@@ -468,9 +449,9 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any],
         ]
         for r in thr:
             lines.append(
-                f"| {_label(r)} | {r['batch']} | {r['context']} | {r['new_tokens']} | {_fmt(r['prefill_s'], '.2f')} | "
-                f"{_fmt(r['decode_tok_s'], '.1f')} | {_fmt(r['speedup_vs_fp16'], '.2f')} | "
-                f"{_fmt(r['speedup_vs_best_fp16'], '.2f')} | {_fmt(r['peak_mem_gb'], '.1f')} | "
+                f"| {_label(r)} | {r['batch']} | {r['context']} | {r['new_tokens']} | {fmt(r['prefill_s'], '.2f')} | "
+                f"{fmt(r['decode_tok_s'], '.1f')} | {fmt(r['speedup_vs_fp16'], '.2f')} | "
+                f"{fmt(r['speedup_vs_best_fp16'], '.2f')} | {fmt(r['peak_mem_gb'], '.1f')} | "
                 f"{r['cache_bytes'] / 1e6:.2f} | {_note(r)} |")
         lines.append("")
     mb = [r for r in rows if r["mode"] == "max_batch"]
@@ -480,8 +461,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any],
             "|---|---:|---:|---:|---:|---|",
         ]
         for r in mb:
-            lines.append(f"| {_label(r)} | {r['context']} | {r['max_batch']} | {_fmt(r.get('decode_tok_s'), '.1f')} "
-                         f"| {_fmt(r.get('peak_mem_gb'), '.1f')} | {r.get('note', '')} |")
+            lines.append(f"| {_label(r)} | {r['context']} | {r['max_batch']} | {fmt(r.get('decode_tok_s'), '.1f')} "
+                         f"| {fmt(r.get('peak_mem_gb'), '.1f')} | {r.get('note', '')} |")
         lines.append("")
     lines += [f"Target (decode tokens/s >= {TARGET_SPEEDUP:g}x fp16):", ""] + [f"- {t}" for t in target_lines]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -522,7 +503,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _print_row(r: dict[str, Any], device: str) -> None:
     print(f"{_label(r):22s} batch={r['batch']:<4d} ctx={r['context']:<7d} prefill {r['prefill_s']:8.2f} s  "
-          f"decode {r['decode_tok_s']:10.1f} tok/s  peak {_fmt(r['peak_mem_gb'], '.1f')} GB  "
+          f"decode {r['decode_tok_s']:10.1f} tok/s  peak {fmt(r['peak_mem_gb'], '.1f')} GB  "
           f"KV {r['cache_bytes'] / 1e6:.2f} MB  {_note(r)}", flush=True)
     if r.get("fused_backend") == "torch reference" and device == "cuda":
         print("  WARNING: spectralkv decoded with the PyTorch reference, not the Triton kernel: this is not the fused "
