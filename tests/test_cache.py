@@ -440,18 +440,18 @@ def test_memory_report_matches_accounting(smollm2: tuple[object, object], smollm
     assert bits - 0.01 < eff <= bits
     assert cal.bytes_per_token() == pytest.approx(eff * cal.coords_per_token / 8)
     # fixed part (codes, scales, outlier counts) as promised; the outlier entries as stored, within the cap
-    layers = [layer for layer in cache.layers if hasattr(layer, "key_store")]
-    entries = sum(layer.key_store.outliers.entries + layer.value_store.outliers.entries for layer in layers)
+    compressed = [layer for layer in cache.layers if hasattr(layer, "key_store")]
+    entries = sum(layer.key_store.outliers.entries + layer.value_store.outliers.entries for layer in compressed)
     q = next(iter(cal.quantizers().values()))
     expected_entries = cal.outlier_fraction * cal.coords_per_token * n
     fixed = n * (cal.bytes_per_token() - cal.outlier_fraction * cal.coords_per_token * q.outlier_entry_bits / 8)
     assert r["accounted_bytes"] == pytest.approx(fixed + entries * q.outlier_entry_bits / 8, rel=1e-9)
     if cal.outlier_threshold is not None:
-        assert 0 < entries <= (cal.outlier_cap or 0) * n * 2 * len(layers)
+        assert 0 < entries <= (cal.outlier_cap or 0) * n * 2 * len(compressed)
         assert entries >= 0.5 * expected_entries  # held-out text beyond the calibration's positions: more, not fewer
     resident = r["compressed_resident_bytes"]
     assert r["codes_bytes"] + r["metadata_bytes"] == resident
-    assert r["accounted_bytes"] <= resident <= 1.05 * r["accounted_bytes"] + 2 * 1024 * 3 * len(layers) * 2
+    assert r["accounted_bytes"] <= resident <= 1.05 * r["accounted_bytes"] + 2 * 1024 * 3 * len(compressed) * 2
     assert (r["metadata_bytes"] > 0) == (cal.token_scale or cal.outlier_threshold is not None)
     cfg = model.config
     layers, heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim

@@ -141,7 +141,8 @@ def test_config_round_trip_and_validation(outlier_cal: SpectralKVConfig, tmp_pat
     assert "exact outlier coordinates" in (folder / "README.md").read_text() and "beyond 2.5 std" in (
         folder / "README.md").read_text()
     for edit, match in ((dict(outlier_threshold=-1.0), "outlier_threshold must be positive or null"),
-                        (dict(outlier_fraction=1.5), "outlier_fraction in"),
+                        (dict(outlier_fraction=1.5), "outlier_fraction in .* re-create it with `spectralkv calibrate`"),
+                        (dict(outlier_fraction=True), "outlier_fraction in"),
                         (dict(outlier_threshold="3"), "'outlier_threshold' has the wrong type")):
         _edit_json(folder, lambda d, edit=edit: d.update(edit))
         with pytest.raises(CalibrationFormatError, match=match):

@@ -71,9 +71,6 @@ class SpectralStore(TokenStore):
 
     def append(self, x: torch.Tensor) -> None:
         packed, scales, outliers = self.quantizer.encode_with_outliers(x)
-        self._store(packed, scales, outliers)
-
-    def _store(self, packed: torch.Tensor, scales: torch.Tensor | None, outliers: Outliers | None) -> None:
         self.codes.append(packed)
         if scales is not None:
             self.scales.append(scales)
@@ -106,9 +103,9 @@ class SpectralStore(TokenStore):
     def bits_per_token(self) -> float:
         """Codes + scales + outlier counts per token, plus the outlier entries actually stored, per token."""
         q = self.quantizer
-        extra = q.outlier_entry_bits * self.outliers.entries / (len(self) * self.codes.data.shape[0]) if len(self) \
-            else 0.0
-        return float(q.bits_per_token) + extra
+        if not len(self):
+            return float(q.bits_per_token)
+        return q.bits_per_token + q.outlier_entry_bits * self.outliers.entries / (len(self) * self.codes.data.shape[0])
 
 
 def left_padding(attention_mask: Any) -> torch.Tensor | None:

@@ -182,10 +182,11 @@ class SpectralQuantizer:
         largest per token)."""
         if self.outlier_threshold is None:
             return None
-        mask = z.abs() > self.outlier_threshold
+        mag = z.abs()
+        mask = mag > self.outlier_threshold
         b, h, t, d = z.shape
         if self.outlier_cap is not None and self.outlier_cap < h * d:
-            mag = z.abs().masked_fill(~mask, 0).permute(0, 2, 1, 3).reshape(b, t, h * d)
+            mag = mag.masked_fill(~mask, 0).permute(0, 2, 1, 3).reshape(b, t, h * d)
             over = (mask.permute(0, 2, 1, 3).reshape(b, t, h * d).sum(-1) > self.outlier_cap).unsqueeze(-1)
             if bool(over.any()):
                 kth = mag.topk(self.outlier_cap, dim=-1).values[..., -1:]  # smallest kept magnitude per token

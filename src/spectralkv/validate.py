@@ -91,9 +91,10 @@ def check_schema(data: dict[str, Any], filename: str) -> None:
     if not 0 < data["default_bits"] <= MAX_BITS:
         _fail(f"{filename}: default_bits must be in (0, {MAX_BITS}], got {data['default_bits']!r}.")
     t, f = data["outlier_threshold"], data["outlier_fraction"]
-    if (t is not None and (isinstance(t, bool) or not 0 < t < float("inf"))) or not 0 <= f <= 1:
+    bad_t = t is not None and (isinstance(t, bool) or not 0 < t < float("inf"))
+    if bad_t or isinstance(f, bool) or not 0 <= f <= 1:
         _fail(f"{filename}: outlier_threshold must be positive or null and outlier_fraction in [0, 1], got {t!r} "
-              f"and {f!r}.")
+              f"and {f!r}; the calibration is corrupt: re-download it or re-create it with `spectralkv calibrate`.")
     for key in ("sink_tokens", "window"):
         if data[key] < 0:
             _fail(f"{filename}: {key} must be >= 0, got {data[key]}.")
