@@ -299,3 +299,22 @@ def test_compressed_cache_with_custom_store(tiny64: torch.nn.Module) -> None:
     cache = compressed_cache(tiny64, lambda layer, kind: Zero(4, 2, 64), sink_tokens=4, window=8)
     logits = _decode_logits(tiny64, cache, _ids(), 44)
     assert torch.isfinite(logits).all()
+
+
+def test_plan_runs_hf_budgets(tiny64_calibration: object) -> None:
+    """QuantizedCache backends run at their own budgets (default: 4 bits only), fp8 once regardless."""
+    from spectralkv.baselines.hf_quantized import backend_unavailable
+    from spectralkv.evaluation.runner import DEFAULT_HF_BUDGETS
+
+    def hf_labels(hf: object) -> set[str]:
+        runs, _ = plan_runs(["kivi", "hf-quantized"], [2, 3, 4], None, hf)  # type: ignore[arg-type]
+        return {r.label for r in runs if r.method == "hf-quantized"}
+
+    assert DEFAULT_HF_BUDGETS == (4.0,)
+    only4, every = hf_labels([4]), hf_labels(None)
+    assert "hf-fp8@8" in only4 and "hf-fp8@8" in every
+    assert hf_labels([]) == {"hf-fp8@8"}
+    if backend_unavailable("hqq") is None:
+        assert "hf-hqq@4" in only4 and "hf-hqq@2" not in only4 and {"hf-hqq@2", "hf-hqq@3"} <= every
+    kivi = [r.label for r in plan_runs(["kivi", "hf-quantized"], [2, 3], None, [4])[0] if r.method == "kivi"]
+    assert kivi == ["kivi@2", "kivi@3"]  # the other methods keep `budgets`

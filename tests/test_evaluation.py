@@ -14,7 +14,7 @@ import torch
 from spectralkv.baselines import compressed_cache
 from spectralkv.baselines.turboquant import TurboQuantStore
 from spectralkv.evaluation import EvalSettings, add_eval_arguments, make_cache, run_evaluation, write_outputs
-from spectralkv.evaluation.cli import settings_from_args
+from spectralkv.evaluation.cli import hf_budgets_from_args, settings_from_args
 from spectralkv.evaluation.needle import NeedleSettings, build_prompts, needle_retrieval
 from spectralkv.evaluation.perplexity import paired_bootstrap_ci, summarize
 from spectralkv.evaluation.report import markdown_table
@@ -99,7 +99,7 @@ def test_runner_all_methods_writes_outputs(smollm2: tuple[Any, Any], smollm2_cal
     settings.perplexity.windows, settings.perplexity.decode = 2, 8
     settings.needle.depths = (0.5,)
     results = run_evaluation(model, tok, methods=["spectralkv", "kivi", "turboquant", "hf-quantized"], budgets=[3],
-                             calibration=smollm2_calibration, settings=settings, progress=False)
+                             calibration=smollm2_calibration, settings=settings, hf_budgets=[3], progress=False)
     labels = {r["label"] for r in results["runs"]}
     assert {"fp16", "spectralkv@3", "kivi@3", "turboquant@3", "hf-fp8@8"} <= labels
     fp16 = _run(results, "fp16")
@@ -128,3 +128,8 @@ def test_cli_arguments() -> None:
     assert s.perplexity.windows == 3 and s.perplexity.prefill == EvalSettings.quick().perplexity.prefill
     with pytest.raises(SystemExit):
         parser.parse_args(["--methods", "nope"])
+    assert hf_budgets_from_args(args) == [4.0]  # default: QuantizedCache backends at 4 bits only
+    assert hf_budgets_from_args(parser.parse_args(["--hf-bits", "all"])) is None
+    assert hf_budgets_from_args(parser.parse_args(["--hf-bits", "2", "4"])) == [2.0, 4.0]
+    with pytest.raises(SystemExit, match="numbers or 'all'"):
+        hf_budgets_from_args(parser.parse_args(["--hf-bits", "four"]))

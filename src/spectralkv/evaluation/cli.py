@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
-from .runner import DEFAULT_BUDGETS, TASKS, EvalSettings, run_evaluation, write_outputs
+from .runner import DEFAULT_BUDGETS, DEFAULT_HF_BUDGETS, TASKS, EvalSettings, run_evaluation, write_outputs
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -31,6 +31,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="budget a new calibration is made for (default: 3.0)")
     parser.add_argument("--bits", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
                         help="budgets: spectralkv all-in bits/coord; kivi/turboquant code bits (default: 2 2.5 3 4)")
+    parser.add_argument("--hf-bits", nargs="+", default=[f"{b:g}" for b in DEFAULT_HF_BUDGETS], metavar="BITS",
+                        help="budgets for transformers' QuantizedCache hqq/quanto backends, or 'all' for every "
+                             "--bits (default: 4; fp8 always runs once; at 2-3 bits they lose 17-755%% here and "
+                             "each run costs two fp16 runs)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="methods to compare (fp16, the reference, always runs)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to run")
@@ -49,6 +53,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def hf_budgets_from_args(args: argparse.Namespace) -> list[float] | None:
+    """``--hf-bits``: ``None`` for 'all' (every ``--bits``), else the numbers given."""
+    values = [str(v) for v in args.hf_bits]
+    if [v.lower() for v in values] == ["all"]:
+        return None
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise SystemExit(f"--hf-bits takes numbers or 'all', got {' '.join(values)}.") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
@@ -106,6 +121,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
+    hf_budgets = hf_budgets_from_args(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, args.gguf_file)
     calibration = None
@@ -113,7 +129,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         calibration = load_or_calibrate(args, model, tokenizer)
     load_s = time.perf_counter() - t0
     results = run_evaluation(model, tokenizer, methods=args.methods, budgets=args.bits, calibration=calibration,
-                             settings=settings, tasks=args.tasks, progress=not args.no_progress)
+                             settings=settings, tasks=args.tasks, hf_budgets=hf_budgets, progress=not args.no_progress)
     results["timings"]["load_and_calibration_s"] = load_s
     results["timings"]["total_s"] = time.perf_counter() - t0
     paths = write_outputs(results, args.out, plot=args.plot)

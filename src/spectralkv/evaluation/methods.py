@@ -76,9 +76,13 @@ class Skipped:
     reason: str
 
 
-def plan_runs(methods: Sequence[str], budgets: Sequence[float], calibration: Any = None
-              ) -> tuple[list[RunSpec], list[Skipped]]:
-    """The runs (and the skipped ones, with a reason) for ``methods`` x ``budgets``. ``fp16`` always runs once."""
+def plan_runs(methods: Sequence[str], budgets: Sequence[float], calibration: Any = None,
+              hf_budgets: Sequence[float] | None = None) -> tuple[list[RunSpec], list[Skipped]]:
+    """The runs (and the skipped ones, with a reason) for ``methods`` x ``budgets``. ``fp16`` always runs once.
+
+    ``hf_budgets``: the budgets transformers' ``QuantizedCache`` backends run at (``None``: ``budgets``); ``fp8``
+    runs once, at its single operating point, either way.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
@@ -94,10 +98,11 @@ def plan_runs(methods: Sequence[str], budgets: Sequence[float], calibration: Any
                     skipped.append(Skipped(f"hf-{backend}", None, reason))
                     continue
                 served = backend_bits(backend)
-                wanted = [b for b in budgets if b in served]
+                hf = budgets if hf_budgets is None else hf_budgets
+                wanted = [b for b in hf if b in served]
                 if backend == "fp8":  # a single operating point: run it whatever the budgets
                     wanted = [8]
-                for b in budgets:
+                for b in hf:
                     if b not in served and backend != "fp8":
                         skipped.append(Skipped(f"hf-{backend}", b, f"the backend serves only {served} bits"))
                 runs += [RunSpec(method, float(b), backend) for b in wanted]

@@ -55,6 +55,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         out.append("Skipped: " + "; ".join(
             f"{s['method']}{'' if s['bits'] is None else '@' + format(s['bits'], 'g')}: {s['reason']}"
             for s in results["skipped"]))
+    hf = results.get("hf_budgets", "all")
+    if "hf-quantized" in results.get("methods", ()) and hf is not None and hf != "all":
+        out.append("transformers' QuantizedCache hqq/quanto backends ran at "
+                   f"{', '.join(format(b, 'g') for b in hf) or 'no'} bits only (`--hf-bits all` for every budget); "
+                   "fp8 runs once at 8 bits.")
     s = results.get("settings", {})
     tasks = results.get("tasks", ())
     ppl = s.get("perplexity")
