@@ -11,9 +11,12 @@ The math is in :mod:`spectralkv.kernels.ref` (``decode_attention_ref``, which is
   range of tokens in tiles of ``BLOCK_T``: decode key codes per coordinate (byte gather, shift, mask, centroid table
   lookup ``tl.load(table + nbits * 256 + code)``), scores ``q_rot . centroids`` times the token scale, online
   softmax in base 2, and the probability-weighted sum of value centroids (times the value scale) in the rotated
-  basis. The last split is the full-precision tokens (sinks + recent window + new token, model dtype, original
-  basis), the same online softmax over ``[B, Hkv, W, D]`` tensors. Each split writes its unnormalised accumulator,
-  running max and running sum; an empty split (past the end, or fully masked) writes max ``-inf`` and sum 0.
+  basis. With exact outliers (constexpr ``K_OUT`` / ``V_OUT``) a tile's outlier entries replace their centroids
+  before the dot products: one masked pass per entry slot, up to the tile's largest per-token count, from the
+  token-major entries and per-token offsets (one prefix sum of the counts on the host). The last split is the
+  full-precision tokens (sinks + recent window + new token, model dtype, original basis), the same online softmax
+  over ``[B, Hkv, W, D]`` tensors. Each split writes its unnormalised accumulator, running max and running sum; an
+  empty split (past the end, or fully masked) writes max ``-inf`` and sum 0.
 * Stage 2, grid ``(B, Hkv)``: merges the compressed splits by log-sum-exp in the rotated basis, un-rotates once
   (``o_rot @ Dec_v + mu_v``), merges the full-precision split by log-sum-exp in the original basis, and writes
   ``[B, Hq, D]`` in the query dtype.
@@ -36,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from spectralkv.quantizer import Outliers
 
 from .layout import TABLE_COLS, SpectralTables, tables_for
 from .ref import LOG2E, PackedSide, _check
@@ -75,6 +80,27 @@ def _centroids(
 
 
 @triton.jit
+def _with_outliers(
+    c, tmask, offs_d,  # [BLOCK_T, BLOCK_D] centroids of one head for a tile, [BLOCK_T] live tokens
+    cnt_ptr, cnt_off, st_ptr, st_off,  # per-token outlier counts and first-entry offsets ([BLOCK_T] offsets)
+    idx_ptr, val_ptr,  # token-major entries: index head * D + coordinate, fp16 value
+    head_base, HEAD_DIM: tl.constexpr,
+):
+    """Replace the centroids of a tile's exact outlier coordinates (of this head) by their stored values.
+
+    One pass per entry slot up to the tile's largest count; entries of other heads never match a coordinate."""
+    cnt = tl.load(cnt_ptr + cnt_off, mask=tmask, other=0).to(tl.int32)
+    st = tl.load(st_ptr + st_off, mask=tmask, other=0).to(tl.int64)
+    for j in range(0, tl.max(cnt, axis=0)):
+        live = tmask & (j < cnt)
+        idx = tl.load(idx_ptr + st + j, mask=live, other=0).to(tl.int32) - head_base
+        val = tl.load(val_ptr + st + j, mask=live, other=0.0).to(tl.float32)
+        idx = tl.where(live & (idx >= 0) & (idx < HEAD_DIM), idx, -1)
+        c = tl.where(idx[:, None] == offs_d[None, :], val[:, None], c)
+    return c
+
+
+@triton.jit
 def _stage1_kernel(
     qx_ptr,  # [B, Hkv, G, D + 1] float32: [q @ Dec_k^T, q . mu_k] (rotated query and mean term, unscaled)
     q_ptr, sq_b, sq_h, sq_d,  # the query [B, Hq, D] in its own dtype (for the full-precision split)
@@ -82,6 +108,8 @@ def _stage1_kernel(
     ks_ptr, sks_b, sks_t, sks_h,  # key scales [B, N, Hkv] fp16
     vc_ptr, svc_b, svc_t,
     vs_ptr, svs_b, svs_t, svs_h,
+    ko_cnt_ptr, sko_b, sko_t, ko_st_ptr, skst_b, skst_t, ko_idx_ptr, ko_val_ptr,  # key outliers, read when K_OUT
+    vo_cnt_ptr, svo_b, svo_t, vo_st_ptr, svst_b, svst_t, vo_idx_ptr, vo_val_ptr,
     k_nb_ptr, k_bi_ptr, k_sh_ptr, k_hoff_ptr, k_hb_ptr, k_tab_ptr,  # key tables ([Hkv, D] x3, [Hkv] x2, [9, 256])
     v_nb_ptr, v_bi_ptr, v_sh_ptr, v_hoff_ptr, v_hb_ptr, v_tab_ptr,
     cm_ptr, scm_b, scm_t,  # compressed-token mask [B, N] (nonzero = attend), read when HAS_COMP_MASK
@@ -94,6 +122,8 @@ def _stage1_kernel(
     HEAD_DIM: tl.constexpr,
     K_SCALE: tl.constexpr,
     V_SCALE: tl.constexpr,
+    K_OUT: tl.constexpr,
+    V_OUT: tl.constexpr,
     HAS_COMP_MASK: tl.constexpr,
     HAS_FP_MASK: tl.constexpr,
     UNPACK: tl.constexpr,
@@ -145,6 +175,10 @@ def _stage1_kernel(
             offs_t64 = offs_t.to(tl.int64)
             ck = _centroids(kc_ptr, b * skc_b + offs_t64[:, None] * skc_t, tmask, k_nb, k_bi, k_sh, k_hoff, k_hb,
                             k_tab_ptr, TABLE_STRIDE, UNPACK, BLOCK_T, BLOCK_D, BLOCK_HB_K)
+            if K_OUT:
+                ck = _with_outliers(ck, tmask, offs_d, ko_cnt_ptr, b * sko_b + offs_t64 * sko_t,
+                                    ko_st_ptr, b * skst_b + offs_t64 * skst_t, ko_idx_ptr, ko_val_ptr,
+                                    h * HEAD_DIM, HEAD_DIM)
             sc = tl.dot(q, tl.trans(ck), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
             if K_SCALE:
                 sk = tl.load(ks_ptr + b * sks_b + offs_t64 * sks_t + h * sks_h, mask=tmask, other=0.0)
@@ -157,6 +191,10 @@ def _stage1_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             cv = _centroids(vc_ptr, b * svc_b + offs_t64[:, None] * svc_t, tmask, v_nb, v_bi, v_sh, v_hoff, v_hb,
                             v_tab_ptr, TABLE_STRIDE, UNPACK, BLOCK_T, BLOCK_D, BLOCK_HB_V)
+            if V_OUT:
+                cv = _with_outliers(cv, tmask, offs_d, vo_cnt_ptr, b * svo_b + offs_t64 * svo_t,
+                                    vo_st_ptr, b * svst_b + offs_t64 * svst_t, vo_idx_ptr, vo_val_ptr,
+                                    h * HEAD_DIM, HEAD_DIM)
             if V_SCALE:
                 sv = tl.load(vs_ptr + b * svs_b + offs_t64 * svs_t + h * svs_h, mask=tmask, other=0.0)
                 p = p * sv.to(tl.float32)[None, :]
@@ -288,6 +326,27 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
+def _outlier_args(counts: torch.Tensor | None, starts: torch.Tensor | None, index: torch.Tensor | None,
+                  values: torch.Tensor | None, dummy: torch.Tensor) -> tuple[object, ...]:
+    """Stage-1 arguments of one side's outliers (placeholders when there are none: the kernel never reads them)."""
+    if counts is None or starts is None or index is None or values is None:
+        return (dummy, 0, 0, dummy, 0, 0, dummy, dummy)
+    return (counts, counts.stride(0), counts.stride(1), starts, starts.stride(0), starts.stride(1), index, values)
+
+
+def outlier_starts(counts: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` int32 offset of each token's first entry in token-major order (exclusive prefix sum)."""
+    flat = counts.t().reshape(-1).to(torch.int32)
+    return (torch.cumsum(flat, 0, dtype=torch.int32) - flat).view(counts.shape[1], counts.shape[0]).t()
+
+
+def _side_outliers(o: Outliers | None) -> tuple[torch.Tensor | None, ...]:
+    """(counts, starts, index, values) of one side for the op, or four Nones."""
+    if o is None or o.values.numel() == 0:
+        return (None, None, None, None)
+    return (o.counts, outlier_starts(o.counts), o.index, o.values)
+
+
 def _decode_attention_launch(
     q: torch.Tensor,
     k_codes: torch.Tensor,
@@ -300,6 +359,10 @@ def _decode_attention_launch(
     k_centroids: torch.Tensor,
     k_decoder_mean: torch.Tensor,
     k_max_head_bytes: int,
+    k_out_counts: torch.Tensor | None,
+    k_out_starts: torch.Tensor | None,
+    k_out_index: torch.Tensor | None,
+    k_out_values: torch.Tensor | None,
     v_codes: torch.Tensor,
     v_scales: torch.Tensor | None,
     v_nbits: torch.Tensor,
@@ -311,6 +374,10 @@ def _decode_attention_launch(
     v_decoder: torch.Tensor,
     v_mean: torch.Tensor,
     v_max_head_bytes: int,
+    v_out_counts: torch.Tensor | None,
+    v_out_starts: torch.Tensor | None,
+    v_out_index: torch.Tensor | None,
+    v_out_values: torch.Tensor | None,
     k_fp: torch.Tensor | None,
     v_fp: torch.Tensor | None,
     comp_mask: torch.Tensor | None,
@@ -355,6 +422,8 @@ def _decode_attention_launch(
             ks, *_strides(k_scales, 3),
             v_codes, v_codes.stride(0), v_codes.stride(1),
             vs, *_strides(v_scales, 3),
+            *_outlier_args(k_out_counts, k_out_starts, k_out_index, k_out_values, k_codes),
+            *_outlier_args(v_out_counts, v_out_starts, v_out_index, v_out_values, v_codes),
             k_nbits, k_byte_index, k_shift, k_head_offset, k_head_bytes, k_centroids,
             v_nbits, v_byte_index, v_shift, v_head_offset, v_head_bytes, v_centroids,
             cm if cm is not None else k_codes, *_strides(cm, 2),
@@ -367,6 +436,8 @@ def _decode_attention_launch(
             HEAD_DIM=d,
             K_SCALE=k_scales is not None,
             V_SCALE=v_scales is not None,
+            K_OUT=k_out_counts is not None,
+            V_OUT=v_out_counts is not None,
             HAS_COMP_MASK=cm is not None,
             HAS_FP_MASK=fm is not None,
             UNPACK=unpack,
@@ -414,13 +485,16 @@ def decode_attention_launch(
     fp_mask: torch.Tensor | None,
     scaling: float,
     *,
+    k_outliers: Outliers | None = None,
+    v_outliers: Outliers | None = None,
     num_splits: int | None = None,
     block_t: int = 32,
     unpack: str = "gather",
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Check and flatten the arguments and run the ``spectralkv::decode_attention_packed`` op (arguments as in
-    :func:`decode_attention`, with the quantizers replaced by their :class:`SpectralTables`)."""
+    :func:`decode_attention`, with the quantizers replaced by their :class:`SpectralTables` and the outliers given
+    separately)."""
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {UNPACK_MODES}, got {unpack!r}.")
     if block_t < 16 or block_t & (block_t - 1):
@@ -437,9 +511,9 @@ def decode_attention_launch(
     return _decode_attention_op(
         q,
         k_codes, k_scales, kt.nbits, kt.byte_index, kt.shift, kt.head_offset, kt.head_bytes, kt.centroids,
-        kt.decoder_mean, kt.max_head_bytes,
+        kt.decoder_mean, kt.max_head_bytes, *_side_outliers(k_outliers),
         v_codes, v_scales, vt.nbits, vt.byte_index, vt.shift, vt.head_offset, vt.head_bytes, vt.centroids,
-        vt.decoder, vt.mean, vt.max_head_bytes,
+        vt.decoder, vt.mean, vt.max_head_bytes, *_side_outliers(v_outliers),
         k_fp, v_fp, comp_mask, fp_mask, float(scaling), max(1, int(num_splits)), int(block_t), unpack,
         int(num_warps),
     )
@@ -471,8 +545,9 @@ def decode_attention(
     scaling = d**-0.5 if scaling is None else float(scaling)
     kt, vt = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
     return decode_attention_launch(q, kt, k.codes, k.scales, vt, v.codes, v.scales, k_fp, v_fp, comp_mask, fp_mask,
-                                   scaling, num_splits=num_splits, block_t=block_t, unpack=unpack,
-                                   num_warps=num_warps)
+                                   scaling, k_outliers=k.outliers, v_outliers=v.outliers, num_splits=num_splits,
+                                   block_t=block_t, unpack=unpack, num_warps=num_warps)
 
 
-__all__ = ["OP_NAME", "UNPACK_MODES", "decode_attention", "decode_attention_launch", "default_num_splits"]
+__all__ = ["OP_NAME", "UNPACK_MODES", "decode_attention", "decode_attention_launch", "default_num_splits",
+           "outlier_starts"]

@@ -6,7 +6,8 @@ quantizer's decoder, rows indexed by packing-order coordinates) and ``z_hat = s 
     q . k = q . mu + z_hat . (Dec q) = q . mu + s * sum_e q_rot[e] * centroid[code_e],   q_rot = q @ Dec^T
 
 so the query is rotated once per step, and the score of a compressed token needs only its codes, its scale and a
-table lookup per coordinate (``q . mu`` is the same for every compressed token of a head). For the values,
+table lookup per coordinate (``q . mu`` is the same for every compressed token of a head); an exact outlier
+coordinate simply replaces its centroid. For the values,
 ``sum_t p_t v_t = (sum_t p_t) mu_v + (sum_t p_t z_hat_t) @ Dec_v``: the softmax-weighted sum is accumulated in the
 rotated basis and un-rotated once at the end.
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spectralkv.quantizer import SpectralQuantizer
+from spectralkv.quantizer import Outliers, SpectralQuantizer
 
 from .layout import SpectralTables, tables_for
 
@@ -31,11 +32,13 @@ LOG2E = math.log2(math.e)
 
 @dataclass(frozen=True)
 class PackedSide:
-    """Compressed keys (or values) of one layer as stored: code rows, optional fp16 per-token scales."""
+    """Compressed keys (or values) of one layer as stored: code rows, optional fp16 per-token scales, and the exact
+    outlier coordinates (which replace their coordinate's centroid) when the quantizer keeps them."""
 
     quantizer: SpectralQuantizer
     codes: torch.Tensor  # [B, N, row_bytes] uint8
     scales: torch.Tensor | None  # [B, N, H] fp16
+    outliers: Outliers | None = None  # counts [B, N], token-major entries
 
     @property
     def length(self) -> int:
@@ -47,8 +50,9 @@ def encode_ref(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torch.Ten
     return quantizer.encode(x)
 
 
-def decode_rotated_ref(tables: SpectralTables, codes: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """Packed rows ``[B, N, row_bytes]`` -> standardised rotated coordinates ``[B, H, N, D]`` (float32).
+def decode_rotated_ref(tables: SpectralTables, codes: torch.Tensor, scales: torch.Tensor | None,
+                       outliers: Outliers | None = None) -> torch.Tensor:
+    """Packed rows ``[B, N, row_bytes]`` (and their outliers) -> standardised rotated coordinates ``[B, H, N, D]``.
 
     Same numbers as :meth:`SpectralQuantizer.decode_rotated`, computed the way the kernels do (one byte gather per
     coordinate through the layout tables, all heads and regimes at once) instead of regime by regime.
@@ -65,9 +69,12 @@ def decode_rotated_ref(tables: SpectralTables, codes: torch.Tensor, scales: torc
         code = ((lo | (hi << 8)) >> tables.shift.reshape(-1)) & mask
         z = tables.centroids.reshape(-1)[(tables.nbits.reshape(-1) * tables.centroids.shape[1]) + code]
         z = z.view(codes.shape[0], codes.shape[1], h, d)
+    z = z.transpose(1, 2)
+    if outliers is not None:
+        z = SpectralQuantizer.apply_outliers(z.clone(), outliers)  # in the codebook's domain, before the scale
     if scales is not None:
-        z = z * scales.float().unsqueeze(-1)
-    return z.transpose(1, 2)
+        z = z * scales.float().transpose(1, 2).unsqueeze(-1)
+    return z
 
 
 def _check(q: torch.Tensor, k: PackedSide, v: PackedSide, k_fp: torch.Tensor | None, v_fp: torch.Tensor | None
@@ -119,7 +126,7 @@ def decode_attention_ref(
     if n:
         tk, tv = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
         q_rot = torch.einsum("bhgd,hed->bhge", qf, tk.decoder)
-        zk = decode_rotated_ref(tk, k.codes, k.scales)  # [B, Hkv, N, D]
+        zk = decode_rotated_ref(tk, k.codes, k.scales, k.outliers)  # [B, Hkv, N, D]
         sc = torch.einsum("bhge,bhne->bhgn", q_rot, zk) + torch.einsum("bhgd,hd->bhg", qf, tk.mean)[..., None]
         sc = sc * scaling
         if comp_mask is not None:
@@ -136,7 +143,7 @@ def decode_attention_ref(
     out = torch.zeros(b, hkv, g, d, dtype=torch.float32, device=q.device)
     if n:
         pc = p[..., :n]
-        zv = decode_rotated_ref(tv, v.codes, v.scales)
+        zv = decode_rotated_ref(tv, v.codes, v.scales, v.outliers)
         out += torch.einsum("bhge,hed->bhgd", torch.einsum("bhgn,bhne->bhge", pc, zv), tv.decoder)
         out += pc.sum(-1, keepdim=True) * tv.mean[None, :, None, :]
     if p.shape[-1] > n:

@@ -62,13 +62,15 @@ def _bits_row(mix: dict[int, Any], d: int, g: torch.Generator) -> torch.Tensor:
     return row[torch.randperm(d, generator=g)]
 
 
-def make_quantizer(heads: int, d: int, mix: str, token_scale: bool = True, seed: int = 0) -> SpectralQuantizer:
+def make_quantizer(heads: int, d: int, mix: str, token_scale: bool = True, seed: int = 0,
+                   outlier_threshold: float | None = None, outlier_cap: int | None = None) -> SpectralQuantizer:
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(heads, d, d, generator=g)).Q
     eig = torch.logspace(1, -2, d).expand(heads, d) * (1 + torch.rand(heads, d, generator=g))
     mean = 2 * torch.randn(heads, d, generator=g)
     bits = torch.stack([_bits_row(MIXES[mix][h % len(MIXES[mix])], d, g) for h in range(heads)])
-    return SpectralQuantizer(mean, basis, eig, _codebooks(seed % 2), bits, token_scale)
+    return SpectralQuantizer(mean, basis, eig, _codebooks(seed % 2), bits, token_scale,
+                             outlier_threshold=outlier_threshold, outlier_cap=outlier_cap)
 
 
 def make_tokens(q: SpectralQuantizer, b: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -201,12 +203,16 @@ def test_encode_empty_and_shapes() -> None:
 def make_case(
     g: int, d: int, mix_k: str, mix_v: str, n: int, window: int, *, b: int = 2, hkv: int = 2, seed: int = 0,
     k_scale: bool = True, v_scale: bool = True, dtype: torch.dtype = torch.float32, masks: str = "none",
+    outliers: tuple[float, int | None] | None = None,
 ) -> dict[str, Any]:
-    """Query, compressed K/V (encoded by the reference), full-precision K/V and masks for one decode step."""
-    qk = make_quantizer(hkv, d, mix_k, k_scale, seed=seed)
-    qv = make_quantizer(hkv, d, mix_v, v_scale, seed=seed + 1)
-    kc, ks = qk.encode(make_tokens(qk, b, n, seed=seed + 2))
-    vc, vs = qv.encode(make_tokens(qv, b, n, seed=seed + 3))
+    """Query, compressed K/V (encoded by the reference), full-precision K/V and masks for one decode step.
+
+    ``outliers``: (threshold, cap) of exact outlier coordinates on both sides (None: none)."""
+    thr, cap = outliers if outliers is not None else (None, None)
+    qk = make_quantizer(hkv, d, mix_k, k_scale, seed=seed, outlier_threshold=thr, outlier_cap=cap)
+    qv = make_quantizer(hkv, d, mix_v, v_scale, seed=seed + 1, outlier_threshold=thr, outlier_cap=cap)
+    kc, ks, ko = qk.encode_with_outliers(make_tokens(qk, b, n, seed=seed + 2))
+    vc, vs, vo = qv.encode_with_outliers(make_tokens(qv, b, n, seed=seed + 3))
     gen = torch.Generator().manual_seed(seed + 4)
     # queries correlated with the key mean (as real queries are), so scores are not all alike
     q = (torch.randn(b, hkv * g, d, generator=gen) + 0.3 * qk.mean.repeat_interleave(g, 0)) * d**-0.25
@@ -224,15 +230,15 @@ def make_case(
         comp_mask[0] = False
     elif masks == "holes":  # arbitrary pattern
         comp_mask = torch.rand(b, n, generator=gen) > 0.3
-    return dict(q=q.to(dtype), k=PackedSide(qk, kc, ks), v=PackedSide(qv, vc, vs), k_fp=k_fp, v_fp=v_fp,
+    return dict(q=q.to(dtype), k=PackedSide(qk, kc, ks, ko), v=PackedSide(qv, vc, vs, vo), k_fp=k_fp, v_fp=v_fp,
                 comp_mask=comp_mask, fp_mask=fp_mask)
 
 
 def sdpa_over_decoded(case: dict[str, Any]) -> torch.Tensor:
     """Plain SDPA over SpectralQuantizer.decode output + the full-precision tokens (fp32)."""
     k, v = case["k"], case["v"]
-    keys = torch.cat([k.quantizer.decode(k.codes, k.scales, torch.float32), case["k_fp"].float()], 2)
-    values = torch.cat([v.quantizer.decode(v.codes, v.scales, torch.float32), case["v_fp"].float()], 2)
+    keys = torch.cat([k.quantizer.decode(k.codes, k.scales, torch.float32, k.outliers), case["k_fp"].float()], 2)
+    values = torch.cat([v.quantizer.decode(v.codes, v.scales, torch.float32, v.outliers), case["v_fp"].float()], 2)
     b, n = k.codes.shape[:2]
     w = case["k_fp"].shape[2]
     cm = case["comp_mask"] if case["comp_mask"] is not None else torch.ones(b, n, dtype=torch.bool)
@@ -255,6 +261,30 @@ def test_reference_equals_sdpa_over_decode(g: int, d: int, mix_k: str, mix_v: st
                                            k_scale: bool, v_scale: bool, masks: str) -> None:
     case = make_case(g, d, mix_k, mix_v, n, window, k_scale=k_scale, v_scale=v_scale, masks=masks)
     torch.testing.assert_close(decode_attention_ref(**case), sdpa_over_decoded(case), atol=1e-5, rtol=1e-5)
+
+
+OUTLIER_CASES = [  # (g, d, hkv, mix_k, mix_v, n, window, scales, masks, outliers); 3 x 128 coordinates: int16 index
+    (3, 64, 2, "2bit", "2.5bit", 37, 5, (True, True), "ragged", (2.0, 8)),
+    (4, 128, 3, "all-widths", "3bit", 29, 3, (False, True), "holes", (2.5, None)),
+    (1, 80, 2, "4bit", "2bit", 20, 2, (True, False), "none", (1.5, 3)),  # the cap binds on most tokens
+]
+
+
+@pytest.mark.parametrize("g,d,hkv,mix_k,mix_v,n,window,scales,masks,outliers", OUTLIER_CASES, ids=lambda v: str(v))
+def test_reference_with_outliers_equals_sdpa_over_decode(g: int, d: int, hkv: int, mix_k: str, mix_v: str, n: int,
+                                                         window: int, scales: tuple[bool, bool], masks: str,
+                                                         outliers: tuple[float, int | None]) -> None:
+    case = make_case(g, d, mix_k, mix_v, n, window, hkv=hkv, k_scale=scales[0], v_scale=scales[1], masks=masks,
+                     outliers=outliers)
+    ko, vo = case["k"].outliers, case["v"].outliers
+    assert ko is not None and vo is not None and ko.values.numel() > n and vo.values.numel() > n
+    if outliers[1] is not None:
+        assert int(ko.counts.max()) <= outliers[1]
+    got = decode_attention_ref(**case)
+    torch.testing.assert_close(got, sdpa_over_decoded(case), atol=1e-5, rtol=1e-5)
+    plain = {**case, "k": PackedSide(case["k"].quantizer, case["k"].codes, case["k"].scales),
+             "v": PackedSide(case["v"].quantizer, case["v"].codes, case["v"].scales)}
+    assert (got - decode_attention_ref(**plain)).abs().max() > 1e-3  # the outliers change the result
 
 
 def test_reference_without_window_and_scaling() -> None:
@@ -303,6 +333,24 @@ def test_decode_attention_kernel(g: int, d: int, mix_k: str, mix_v: str, n: int,
     )
 
 
+@pytest.mark.parametrize("g,d,hkv,mix_k,mix_v,n,window,scales,masks,outliers", OUTLIER_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("splits,block_t,unpack", [(3, 16, "gather"), (1, 32, "register")], ids=str)
+def test_decode_attention_kernel_with_outliers(g: int, d: int, hkv: int, mix_k: str, mix_v: str, n: int, window: int,
+                                               scales: tuple[bool, bool], masks: str,
+                                               outliers: tuple[float, int | None], splits: int, block_t: int,
+                                               unpack: str) -> None:
+    from spectralkv.kernels.decode_attention import decode_attention, outlier_starts
+
+    case = make_case(g, d, mix_k, mix_v, n, window, hkv=hkv, k_scale=scales[0], v_scale=scales[1], masks=masks,
+                     outliers=outliers)
+    counts = case["k"].outliers.counts
+    starts = outlier_starts(counts)
+    flat = counts.t().reshape(-1).long()  # token-major: (t, b)
+    assert starts.t().reshape(-1).tolist() == (flat.cumsum(0) - flat).tolist()
+    out = decode_attention(**case, num_splits=splits, block_t=block_t, unpack=unpack)
+    torch.testing.assert_close(out, decode_attention_ref(**case), atol=ABS_FLOOR, rtol=1e-5)
+
+
 def test_decode_attention_kernel_without_window_and_empty() -> None:
     from spectralkv.kernels.decode_attention import decode_attention
 
@@ -336,7 +384,7 @@ def test_kernels_compile_for_h100() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.split("\n")
-    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 4, out.stdout
+    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 5, out.stdout  # 3 stage-1
     assert all(line.split()[-1] in ("0", "None") for line in lines if line), out.stdout
 
 

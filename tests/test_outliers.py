@@ -5,7 +5,9 @@ measured error; the fused cache falls back to the decoding path with a warning."
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -172,11 +174,25 @@ def test_calibration_search_records_every_threshold(tiny_llama_calibration: Spec
 
 
 # -- caches -----------------------------------------------------------------------------------------------------------
-def test_cache_with_outliers_generates_and_fused_falls_back(tiny_llama: torch.nn.Module,
-                                                            outlier_cal: SpectralKVConfig) -> None:
-    from spectralkv.fused import FusedSpectralKVCache
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cache_with_outliers_fused_matches(tiny_llama: torch.nn.Module, outlier_cal: SpectralKVConfig, backend: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused decode attention (reference or Triton kernel) reads the exact outliers: same logits as the unfused
+    cache, and every decode step of every layer really ran fused."""
+    from spectralkv import fused
 
+    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton" and (importlib.util.find_spec("triton") is None or not interpreter):
+        pytest.skip("the Triton backend on CPU needs triton and TRITON_INTERPRET=1")
     ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(0))
+    seen: list[int] = []
+    attend = fused.DecodeSnapshot.attend
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(int(self.keys.outliers.values.numel() + self.values.outliers.values.numel()))
+        return attend(self, *args, **kwargs)
+
+    monkeypatch.setattr(fused.DecodeSnapshot, "attend", counting)
 
     def run(cache: Any) -> torch.Tensor:
         with torch.inference_mode():
@@ -189,8 +205,12 @@ def test_cache_with_outliers_generates_and_fused_falls_back(tiny_llama: torch.nn
     plain = SpectralKVCache(tiny_llama, outlier_cal, window=4)
     ref = run(plain)
     assert sum(layer.key_store.outliers.entries for layer in plain.layers) > 0
-    with pytest.warns(RuntimeWarning, match="does not read yet"):
-        fused = FusedSpectralKVCache(tiny_llama, outlier_cal, window=4, backend="torch")
-    torch.testing.assert_close(run(fused), ref)
+    previous = fused.enable_fused(tiny_llama)
+    try:
+        got = run(fused.FusedSpectralKVCache(tiny_llama, outlier_cal, window=4, backend=backend))
+    finally:
+        tiny_llama.set_attn_implementation(previous)
+    assert len(seen) == 10 * tiny_llama.config.num_hidden_layers and min(seen) > 0  # fused, outliers read
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
     exact = run(SpectralKVCache(tiny_llama, outlier_cal.with_bits(8.0), window=4))
     assert not torch.equal(ref, exact)  # compression is active

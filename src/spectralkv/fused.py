@@ -148,7 +148,7 @@ class DecodeSnapshot:
         ns = self.n_sinks
         parts = [fp[:, :, :ns]]
         if packed.length:
-            parts.append(packed.quantizer.decode(packed.codes, packed.scales, dtype))
+            parts.append(packed.quantizer.decode(packed.codes, packed.scales, dtype, packed.outliers))
         parts.append(fp[:, :, ns:])
         return torch.cat(parts, dim=2)
 
@@ -223,6 +223,7 @@ class FusedSpectralStore(SpectralStore):
         self.backend = backend
 
     def append(self, x: torch.Tensor) -> None:
+        # The write kernel does not find outliers: such calibrations encode with the PyTorch path (same codes).
         if self.quantizer.outlier_threshold is not None or not use_triton(self.backend, x.device):
             super().append(x)
             return
@@ -238,7 +239,8 @@ class FusedSpectralStore(SpectralStore):
         if codes is None:
             raise RuntimeError("packed() on a store that was never appended to")
         scales = self.scales.view() if self.quantizer.token_scale else None
-        return PackedSide(self.quantizer, codes, scales)
+        outliers = self.outliers.view() if self.quantizer.outlier_threshold is not None else None
+        return PackedSide(self.quantizer, codes, scales, outliers)
 
 
 class FusedCompressedLayer(CompressedLayer):
@@ -249,8 +251,6 @@ class FusedCompressedLayer(CompressedLayer):
         super().__init__(lambda: FusedSpectralStore(quantizer_k, backend),
                          lambda: FusedSpectralStore(quantizer_v, backend), sink_tokens, window)
         self.backend = backend
-        # The kernels read codes and scales only; exact outliers need the decoding path (same numbers, slower).
-        self.fused = quantizer_k.outlier_threshold is None and quantizer_v.outlier_threshold is None
 
     def _packed(self, store: FusedSpectralStore, like: torch.Tensor) -> Any:
         from .kernels.ref import PackedSide
@@ -264,7 +264,7 @@ class FusedCompressedLayer(CompressedLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[Any, Any]:
-        if key_states.shape[2] != 1 or not self.fused:
+        if key_states.shape[2] != 1:
             return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -292,13 +292,6 @@ class FusedSpectralKVCache(SpectralKVCache):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
         super().__init__(model, calibration, **kwargs)
-        if self.calibration.outlier_threshold is not None:
-            warnings.warn(
-                "This calibration keeps exact outlier coordinates, which the fused decode kernel does not read yet: "
-                "decode steps use the decoding path (same numbers, slower). For the fused kernel pass "
-                "`calibration.without_outliers()` (its bits go to the codes; quality is lower).",
-                RuntimeWarning, stacklevel=2,
-            )
 
     def _compressed_layer(self, qk: Any, qv: Any) -> CompressedLayer:
         return FusedCompressedLayer(qk, qv, self.sink_tokens, self.window, self.backend)
