@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from spectralkv.codebook import fit_codebooks
-from spectralkv.quantizer import SpectralQuantizer
+from spectralkv.quantizer import Outliers, SpectralQuantizer
 
 DEFAULT_CONTEXTS = ["1k", "4k", "16k", "32k", "64k", "128k"]
 METHODS = ("spectralkv", "fp16-flash", "fp16-sdpa", "dequant-sdpa")
@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=4, help="leading tokens kept in fp16")
     p.add_argument("--no-token-scale", dest="token_scale", action="store_false",
                    help="no fp16 per-token scale (default: with)")
+    p.add_argument("--outlier-fraction", type=float, default=0.0,
+                   help="share of coordinates kept as exact outliers (SmolLM2's default calibration: 0.0057; "
+                        "default: %(default)s)")
     p.add_argument("--unpack", choices=("gather", "register"), default="gather", help="kernel lookup mode")
     p.add_argument("--num-splits", type=int, default=None, help="splits per sequence (default: from the SM count)")
     p.add_argument("--block-t", type=int, default=32, help="tokens per tile")
@@ -134,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be positive, got {bad}")
     if args.copy_gb <= 0:
         p.error(f"--copy-gb must be positive, got {args.copy_gb}")
+    if not 0 <= args.outlier_fraction < 1:
+        p.error(f"--outlier-fraction must be in [0, 1), got {args.outlier_fraction}")
     return args
 
 
@@ -158,6 +163,22 @@ def make_quantizer(kv_heads: int, head_dim: int, bits: float, token_scale: bool,
     bits_t = torch.tensor(bit_mix(head_dim, bits), dtype=torch.uint8).expand(kv_heads, head_dim).contiguous()
     return SpectralQuantizer(torch.randn(kv_heads, head_dim, generator=g), basis, eig, _CODEBOOKS["gauss"], bits_t,
                              token_scale)
+
+
+def random_outliers(batch: int, context: int, coords: int, fraction: float, device: torch.device | str,
+                    seed: int = 0) -> Outliers | None:
+    """Exact outliers shaped like a calibration's: about ``fraction`` of each token's ``coords`` coordinates, capped
+    at 4x the average per token as the library caps them (None for ``fraction`` 0)."""
+    if fraction <= 0:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    mean = fraction * coords
+    cap = max(2, math.ceil(4 * mean))
+    counts = torch.poisson(torch.full((batch, context), mean), generator=g).clamp_max(cap).to(torch.uint8)
+    e = int(counts.long().sum())
+    index = torch.randint(0, coords, (e,), generator=g).to(torch.uint8 if coords <= 256 else torch.int16)
+    values = (3 * torch.randn(e, generator=g)).half()
+    return Outliers(counts.to(device), index.to(device), values.to(device))
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -364,8 +385,11 @@ def run_case(method: str, bits: float | None, context: int, batch: int, args: ar
                 vs = (torch.rand(batch, context, hkv, device=dev) + 0.5).half()
             k_fp = torch.randn(batch, hkv, w, d, device=dev, dtype=torch.float16)
             v_fp = torch.randn_like(k_fp)
-            row["bytes"] = _nbytes(kc, vc, ks, vs, k_fp, v_fp)
-            kside, vside = PackedSide(qk, kc, ks), PackedSide(qv, vc, vs)
+            ko = random_outliers(batch, context, hkv * d, args.outlier_fraction, dev, seed=3)
+            vo = random_outliers(batch, context, hkv * d, args.outlier_fraction, dev, seed=4)
+            extra = [t for o in (ko, vo) if o is not None for t in (o.counts, o.index, o.values)]
+            row["bytes"] = _nbytes(kc, vc, ks, vs, k_fp, v_fp, *extra)
+            kside, vside = PackedSide(qk, kc, ks, ko), PackedSide(qv, vc, vs, vo)
             if method == "spectralkv":
                 def fn() -> Any:
                     return decode_attention(q, kside, vside, k_fp, v_fp, num_splits=args.num_splits,
@@ -376,9 +400,9 @@ def run_case(method: str, bits: float | None, context: int, batch: int, args: ar
                 q4 = q[:, :, None]
 
                 def fn() -> Any:
-                    keys = torch.cat([k_fp[:, :, : args.sinks], qk.decode(kc, ks, torch.float16),
+                    keys = torch.cat([k_fp[:, :, : args.sinks], qk.decode(kc, ks, torch.float16, ko),
                                       k_fp[:, :, args.sinks :]], 2)
-                    values = torch.cat([v_fp[:, :, : args.sinks], qv.decode(vc, vs, torch.float16),
+                    values = torch.cat([v_fp[:, :, : args.sinks], qv.decode(vc, vs, torch.float16, vo),
                                         v_fp[:, :, args.sinks :]], 2)
                     return torch.nn.functional.scaled_dot_product_attention(q4, keys, values, enable_gqa=True)
 

@@ -67,13 +67,32 @@ def test_decode_parses(decode: ModuleType, tmp_path: Path) -> None:
     assert decode.parse_args(["--no-cuda-graph"]).timer == "plain"
     assert decode.parse_args(["--l2", "warm", "--target-context", "16k"]).target_context == 16384
     for bad in (["--contexts", "lots"], ["--bits", "0"], ["--batches", "-1"], ["--copy-gb", "0"],
-                ["--timer", "sometimes"], ["--methods", "fp8"]):
+                ["--timer", "sometimes"], ["--methods", "fp8"], ["--outlier-fraction", "1.5"]):
         with pytest.raises(SystemExit) as e:
             decode.parse_args(bad)
         assert e.value.code == 2, bad
     q = decode.make_quantizer(2, 64, 2.5, token_scale=True)
     assert q.code_bits_per_token == 2 * 64 * 2.5
     assert [r.bits for r in q.regimes[0]] == [3, 2]
+    assert decode.parse_args([]).outlier_fraction == 0.0
+
+
+def test_decode_random_outliers(decode: ModuleType) -> None:
+    """The benchmark's outliers have the library's layout and cap, and the reference attention reads them."""
+    from spectralkv.kernels.ref import PackedSide, decode_attention_ref
+
+    assert decode.random_outliers(2, 10, 256, 0.0, "cpu") is None
+    o = decode.random_outliers(2, 400, 384, 0.01, "cpu")
+    e = int(o.counts.long().sum())
+    assert o.counts.shape == (2, 400) and o.index.dtype == torch.int16 and o.values.shape == (e,)
+    assert int(o.counts.max()) <= max(2, math.ceil(4 * 3.84)) and abs(e / (800 * 384) - 0.01) < 0.002
+    assert int(o.index.max()) < 384 and decode.random_outliers(1, 5, 256, 0.05, "cpu").index.dtype == torch.uint8
+    qk, qv = decode.make_quantizer(3, 128, 2.5, True, seed=1), decode.make_quantizer(3, 128, 2.5, True, seed=2)
+    kc = torch.randint(0, 256, (2, 400, qk.row_bytes), dtype=torch.uint8)
+    ks = torch.rand(2, 400, 3).half() + 0.5
+    q = torch.randn(2, 6, 128)
+    with_o = decode_attention_ref(q, PackedSide(qk, kc, ks, o), PackedSide(qv, kc, ks, o))
+    assert not torch.allclose(with_o, decode_attention_ref(q, PackedSide(qk, kc, ks), PackedSide(qv, kc, ks)))
 
 
 def test_generate_parses(gen: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:

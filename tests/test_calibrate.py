@@ -11,7 +11,7 @@ import torch
 from conftest import ByteTokenizer, make_tiny, tiny_calibrate
 
 from spectralkv.allocation import GROUP_SIZE
-from spectralkv.calibrate import calibrate
+from spectralkv.calibrate import attention_output_delta, calibrate, serving_mask
 from spectralkv.codebook import MAX_BITS
 from spectralkv.config import KINDS, SpectralKVConfig, tensor_name
 from spectralkv.fingerprint import UnsupportedArchitectureError
@@ -206,3 +206,26 @@ def test_saved_calibration_reloads_identically(tiny_gemma2_calibration: Spectral
         for kind in KINDS:
             assert torch.equal(back.tensor(l, kind, "bits"), tiny_gemma2_calibration.tensors[tensor_name(l, kind,
                                                                                                          "bits")])
+
+
+def test_heldout_error_sees_the_recent_window_exactly() -> None:
+    """With a window, each query sees its last `window` keys/values exact and older ones quantized (as served)."""
+    torch.manual_seed(0)
+    t, window = 12, 3
+    m = serving_mask(t, window)
+    assert m.shape == (t, 2 * t) and m[5, :t].nonzero().flatten().tolist() == [0, 1, 2]
+    assert m[5, t:].nonzero().flatten().tolist() == [3, 4, 5] and m[1, :t].sum() == 0
+    q, k, v = torch.randn(1, 4, t, 8), torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8)
+    kh, vh = k + 0.3 * torch.randn_like(k), v + 0.3 * torch.randn_like(v)
+    dy, rel = attention_output_delta(q, k, v, kh, vh, 8**-0.5, None, window)
+    dy0, rel0 = attention_output_delta(q, k, v, kh, vh, 8**-0.5, None, 0)
+    assert dy[:, :window].abs().max() < 1e-6 and dy0[:, :window].abs().max() > 1e-3  # only exact tokens in view
+    assert 0 < rel < rel0
+    # explicit per-query computation for one late query
+    i = t - 1
+    kk = torch.where((torch.arange(t) > i - window)[None, None, :, None], k, kh).repeat_interleave(2, 1)
+    vv = torch.where((torch.arange(t) > i - window)[None, None, :, None], v, vh).repeat_interleave(2, 1)
+    p = (q[:, :, i : i + 1] @ kk.transpose(-1, -2) * 8**-0.5).softmax(-1)
+    ref = (q[:, :, i : i + 1] @ k.repeat_interleave(2, 1).transpose(-1, -2) * 8**-0.5).softmax(-1)
+    want = (p @ vv - ref @ v.repeat_interleave(2, 1))[:, :, 0].reshape(1, -1)
+    torch.testing.assert_close(dy[:, i], want, atol=1e-5, rtol=1e-5)
