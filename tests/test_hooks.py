@@ -157,6 +157,7 @@ def test_quantizer_tensors_follow_the_data_device(model: torch.nn.Module, prompt
         layer = split.layers[i]
         assert layer.key_store.codes.view().device.type == device
         assert list(layer.key_store.quantizer._device_cache) == [torch.device(device)]
+        assert list(layer.key_store.quantizer._coord_cache) == [torch.device(device)]
 
 
 # -- pipeline ------------------------------------------------------------------------------------------------------
