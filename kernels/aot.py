@@ -92,9 +92,9 @@ def compile_all(arch: int = 90, head_dims: tuple[int, ...] = (64, 128), group: i
             dict(G=group, HEAD_DIM=d, HAS_WINDOW=True, BLOCK_G=block_g, BLOCK_D=block_d))
         run(f"encode d={d}", en._encode_kernel,
             {"x_ptr": f"*{dtype}", "mean_ptr": "*fp32", "enc_ptr": "*fp32", "bnd_ptr": "*fp32", "out_ptr": "*u8",
-             "scale_ptr": "*fp16"},
-            dict(HEAD_DIM=d, ROTATE=True, SCALE_MODE=en.SCALE_COMPUTE, SCALE_MIN=1e-6, TABLE_STRIDE=256, BLOCK_T=16,
-                 BLOCK_D=block_d, BLOCK_HB=block_d // 2))
+             "scale_ptr": "*fp16", "z_ptr": "*fp32"},
+            dict(HEAD_DIM=d, ROTATE=True, SCALE_MODE=en.SCALE_COMPUTE, WRITE_Z=True, SCALE_MIN=1e-6, TABLE_STRIDE=256,
+                 BLOCK_T=16, BLOCK_D=block_d, BLOCK_HB=block_d // 2))
     return results
 
 

@@ -12,7 +12,8 @@ codes with two one-hot matrix products (each code contributes ``(code << shift) 
 ``code >> (8 - shift)`` to the next one; contributions never overlap, so the sums are exact bitwise ORs, and every
 partial sum is an integer <= 255, exact in fp16 and fp32).
 
-The PyTorch reference is the quantizer itself (:func:`spectralkv.kernels.ref.encode_ref`).
+The PyTorch reference is the quantizer itself (:func:`spectralkv.kernels.ref.encode_ref`). For calibrations with
+exact outliers the kernel also writes the coordinates (``WRITE_Z``), from which the host picks the outliers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from spectralkv.quantizer import SCALE_FLOOR, SpectralQuantizer
+from spectralkv.quantizer import SCALE_FLOOR, Outliers, SpectralQuantizer
 
 from .layout import TABLE_COLS, SpectralTables, tables_for
 
@@ -38,10 +39,12 @@ def _encode_kernel(
     head_off_ptr, head_bytes_ptr,  # [H] int32
     out_ptr, so_b, so_t,  # packed rows [B, T, row_bytes] uint8 (last stride 1)
     scale_ptr, ss_b, ss_t, ss_h,  # scales [B, T, H] fp16: written (SCALE_COMPUTE) or read (SCALE_GIVEN)
+    z_ptr, sz_b, sz_h, sz_t,  # [B, H, T, D] float32: the coordinates the codes were made from, when WRITE_Z
     T,
     HEAD_DIM: tl.constexpr,
     ROTATE: tl.constexpr,
     SCALE_MODE: tl.constexpr,
+    WRITE_Z: tl.constexpr,
     SCALE_MIN: tl.constexpr,
     TABLE_STRIDE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -80,6 +83,10 @@ def _encode_kernel(
     elif SCALE_MODE == 2:
         s = tl.load(s_ptrs, mask=tmask, other=1.0).to(tl.float32)
         z = tl.math.div_rn(z, s[:, None])
+
+    if WRITE_Z:  # for the exact outliers, found on the host from the same coordinates the codes come from
+        tl.store(z_ptr + b * sz_b + h * sz_h + offs_t[:, None] * sz_t + offs_d[None, :], z,
+                 mask=tmask[:, None] & dmask[None, :])
 
     # bucketize: code = number of boundaries < z, by binary lifting over the 2**nb - 1 sorted boundaries
     nb = tl.load(nbits_ptr + h * HEAD_DIM + offs_d, mask=dmask, other=0)
@@ -131,19 +138,24 @@ def _encode_launch(
     rotate: bool,
     scales: torch.Tensor | None,
     block_t: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    write_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Owns shapes, strides and grid (flat tensor arguments so it can be a ``torch.library`` op). Returns the
-    packed rows and the computed scales (an empty tensor when none were computed: an op may not return an input)."""
+    packed rows, the computed scales (an empty tensor when none were computed: an op may not return an input) and
+    the coordinates ``[B, H, T, D]`` the codes were made from (empty unless ``write_z``)."""
     b, h, t, d = x.shape
     out = torch.empty(b, t, row_bytes, dtype=torch.uint8, device=x.device)
+    z = torch.empty(b, h, t, d, dtype=torch.float32, device=x.device) if write_z else torch.empty(
+        0, dtype=torch.float32, device=x.device)
     if not token_scale:
         mode, s = SCALE_NONE, torch.empty(0, dtype=torch.float16, device=x.device)
     elif scales is None:
         mode, s = SCALE_COMPUTE, torch.empty(b, t, h, dtype=torch.float16, device=x.device)
     else:
         mode, s = SCALE_GIVEN, scales
-    if b * t == 0 or row_bytes == 0:
-        return out, (s if mode == SCALE_COMPUTE else torch.empty(0, dtype=torch.float16, device=x.device))
+    s_out = s if mode == SCALE_COMPUTE else torch.empty(0, dtype=torch.float16, device=x.device)
+    if b * t == 0 or (row_bytes == 0 and not write_z and mode != SCALE_COMPUTE):
+        return out, s_out, z
     strides = (s.stride(0), s.stride(1), s.stride(2)) if mode != SCALE_NONE else (0, 0, 0)
     wrap_triton(_encode_kernel)[(triton.cdiv(t, block_t), b, h)](
         x, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -152,17 +164,19 @@ def _encode_launch(
         head_offset, head_bytes,
         out, out.stride(0), out.stride(1),
         s if mode != SCALE_NONE else out, *strides,
+        z if write_z else out, *(z.stride()[:3] if write_z else (0, 0, 0)),
         t,
         HEAD_DIM=d,
         ROTATE=rotate,
         SCALE_MODE=mode,
+        WRITE_Z=write_z,
         SCALE_MIN=SCALE_FLOOR,
         TABLE_STRIDE=TABLE_COLS,
         BLOCK_T=block_t,
         BLOCK_D=_pow2(d),
         BLOCK_HB=_pow2(max_head_bytes),
     )
-    return out, (s if mode == SCALE_COMPUTE else torch.empty(0, dtype=torch.float16, device=x.device))
+    return out, s_out, z
 
 
 OP_NAME = "spectralkv::encode_packed"
@@ -193,10 +207,10 @@ def encode_launch(
         raise ValueError("scales were given but this quantizer has no per-token scale.")
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}.")
-    packed, s = _encode_op(
+    packed, s, _ = _encode_op(
         x, tables.mean, tables.encoder, tables.nbits, tables.byte_index, tables.shift, tables.boundaries,
         tables.head_offset, tables.head_bytes, tables.row_bytes, tables.max_head_bytes, tables.token_scale,
-        rotate, scales, block_t,
+        rotate, scales, block_t, False,
     )
     if not tables.token_scale:
         return packed, None
@@ -206,3 +220,22 @@ def encode_launch(
 def spectral_encode(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Drop-in for ``quantizer.encode(x)`` running the Triton kernel."""
     return encode_launch(tables_for(quantizer, x.device), x)
+
+
+def spectral_encode_with_outliers(quantizer: SpectralQuantizer, x: torch.Tensor, *, block_t: int = 16
+                                  ) -> tuple[torch.Tensor, torch.Tensor | None, Outliers | None]:
+    """Drop-in for ``quantizer.encode_with_outliers(x)``: the kernel writes the codes and the coordinates they were
+    made from, and the exact outliers are picked from those on the host (an elementwise threshold and a cap)."""
+    tables = tables_for(quantizer, x.device)
+    if quantizer.outlier_threshold is None:
+        packed, scales = encode_launch(tables, x, block_t=block_t)
+        return packed, scales, None
+    b, h, t, d = x.shape
+    if (h, d) != (tables.num_heads, tables.head_dim):
+        raise ValueError(f"x has {h} heads of dim {d}; the quantizer has {tables.num_heads} of {tables.head_dim}.")
+    packed, s, z = _encode_op(
+        x, tables.mean, tables.encoder, tables.nbits, tables.byte_index, tables.shift, tables.boundaries,
+        tables.head_offset, tables.head_bytes, tables.row_bytes, tables.max_head_bytes, tables.token_scale,
+        True, None, block_t, True,
+    )
+    return packed, (s if tables.token_scale else None), quantizer.find_outliers(z)

@@ -187,6 +187,24 @@ def test_encode_full_path(heads: int, d: int, mix: str, token_scale: bool, t: in
     assert (got != want).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("heads,d,token_scale,thr,cap", [(2, 64, True, 2.0, 6), (3, 128, False, 2.5, None)],
+                         ids=str)
+def test_encode_with_outliers(heads: int, d: int, token_scale: bool, thr: float, cap: int | None) -> None:
+    """The write kernel's coordinates give the same exact outliers as the quantizer (its codes are checked above)."""
+    from spectralkv.kernels.encode import spectral_encode_with_outliers
+
+    q = make_quantizer(heads, d, "2.5bit", token_scale, seed=d, outlier_threshold=thr, outlier_cap=cap)
+    x = make_tokens(q, 2, 19, seed=4)
+    ref_packed, ref_scales, ref_o = q.encode_with_outliers(x)
+    packed, scales, o = spectral_encode_with_outliers(q, x)
+    assert ref_o is not None and o is not None and ref_o.values.numel() > 19
+    assert torch.equal(o.counts, ref_o.counts) and torch.equal(o.index, ref_o.index)
+    torch.testing.assert_close(o.values, ref_o.values, atol=2e-3, rtol=1e-3)
+    assert (codes_of(q, packed) != codes_of(q, ref_packed)).float().mean() < 1e-3
+    plain = make_quantizer(heads, d, "2.5bit", token_scale, seed=d)
+    assert spectral_encode_with_outliers(plain, x)[2] is None
+
+
 def test_encode_empty_and_shapes() -> None:
     from spectralkv.kernels.encode import encode_launch, spectral_encode
 

@@ -136,6 +136,8 @@ def calibrate(
     +0.49% to +0.30%, +2.4% to +2.0% at 3 bits, and kept the exact outliers within their reserved share.
     ``outlier_thresholds``: candidates for the exact-outlier threshold (None: none); the held-out error at the
     budget, outliers paid for, picks one.
+    ``sink_tokens`` / ``window``: the full-precision layout the calibration is made for (the default a cache serves
+    it with); the held-out error keeps exactly these tokens exact, so every choice is made for how it is served.
     """
     bits = check_budget(bits)
     if not outlier_thresholds or any(t is not None and not t > 0 for t in outlier_thresholds):

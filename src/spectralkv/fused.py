@@ -223,14 +223,15 @@ class FusedSpectralStore(SpectralStore):
         self.backend = backend
 
     def append(self, x: torch.Tensor) -> None:
-        # The write kernel does not find outliers: such calibrations encode with the PyTorch path (same codes).
-        if self.quantizer.outlier_threshold is not None or not use_triton(self.backend, x.device):
+        if not use_triton(self.backend, x.device):
             super().append(x)
             return
-        packed, scales = _kernels()[1].spectral_encode(self.quantizer, x)
+        packed, scales, outliers = _kernels()[1].spectral_encode_with_outliers(self.quantizer, x)
         self.codes.append(packed)
         if scales is not None:
             self.scales.append(scales)
+        if outliers is not None:
+            self.outliers.append(outliers)
 
     def packed(self) -> Any:
         from .kernels.ref import PackedSide
