@@ -2,7 +2,7 @@
 """Reproduce the README results table from scratch.
 
 Loads the embedded SmolLM2-135M-Instruct and the calibration in ``artifacts/smollm2-135m-instruct-skv`` (the one
-``make run`` writes; made there with the default settings when missing, ~6 min), then runs every method x budget
+``make run`` writes; made there with the default settings when missing, ~13 min), then runs every method x budget
 (2, 2.5, 3, 4) through the harness: streaming perplexity, passkey retrieval and attention fidelity. Writes
 ``artifacts/eval/{results.json,results.md,pareto.png}`` and prints the table. ``--quick`` runs tiny settings in a
 few minutes. See ``--help`` for every option.
