@@ -56,26 +56,13 @@ class SpectralTables:
 
 
 def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> SpectralTables:
-    """Build the lookup tables of ``q`` on ``device`` (use :func:`tables_for` to reuse them)."""
+    """Build the lookup tables of ``q`` on ``device`` (use :func:`tables_for` to reuse them): the quantizer's own
+    per-coordinate tables (:meth:`SpectralQuantizer.coordinate_tables`), shaped per head for the kernels."""
     h, d = q.num_heads, q.head_dim
-    nbits = torch.zeros(h, d, dtype=torch.int32)
-    byte_index = torch.zeros(h, d, dtype=torch.int32)
-    shift = torch.zeros(h, d, dtype=torch.int32)
-    head_bytes = torch.zeros(h, dtype=torch.int32)
-    for head in range(h):
-        base = q.head_byte_offsets[head]
-        for r in q.regimes[head]:
-            j = torch.arange(r.count, dtype=torch.int32)
-            bit = j * r.bits
-            sl = slice(r.start, r.start + r.count)
-            nbits[head, sl] = r.bits
-            byte_index[head, sl] = base + r.byte_offset + bit // 8
-            shift[head, sl] = bit % 8
-            head_bytes[head] += r.nbytes
-    centroids = torch.zeros(TABLE_ROWS, TABLE_COLS, dtype=torch.float32)
+    coords = q.coordinate_tables("cpu")
+    head_bytes = torch.tensor([sum(r.nbytes for r in regs) for regs in q.regimes], dtype=torch.int32)
     boundaries = torch.full((TABLE_ROWS, TABLE_COLS), float("inf"), dtype=torch.float32)
     for b in range(1, TABLE_ROWS):
-        centroids[b] = q.codebooks[b - 1].float()
         bnd = cb.boundaries(q.codebooks.float(), b)
         boundaries[b, : bnd.numel()] = bnd
     dev = torch.device(device)
@@ -85,12 +72,12 @@ def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> Sp
         row_bytes=q.row_bytes,
         max_head_bytes=int(head_bytes.max()) if h else 0,
         token_scale=q.token_scale,
-        nbits=nbits.to(dev),
-        byte_index=byte_index.to(dev),
-        shift=shift.to(dev),
+        nbits=coords.nbits.view(h, d).to(dev, torch.int32),
+        byte_index=coords.byte.view(h, d).to(dev, torch.int32),
+        shift=coords.shift.view(h, d).to(dev),
         head_offset=torch.tensor(q.head_byte_offsets, dtype=torch.int32, device=dev),
         head_bytes=head_bytes.to(dev),
-        centroids=centroids.to(dev),
+        centroids=coords.centroids.view(TABLE_ROWS, TABLE_COLS).to(dev),
         boundaries=boundaries.to(dev),
         mean=q.mean.float().contiguous().to(dev),
         encoder=q.encoder.float().contiguous().to(dev),

@@ -169,6 +169,7 @@ def test_missing_text_file(tiny_llama: torch.nn.Module, tmp_path: Path) -> None:
         (dict(seq_len=4, sink_tokens=4), r"`seq_len` \(4\) must exceed `sink_tokens` \(4\)"),
         (dict(tokens=64, seq_len=128), r"`tokens` \(64\) .* must be >= seq_len \(128\)"),
         (dict(heldout_tokens=100, seq_len=128), r"`heldout_tokens` \(100\) must be >= seq_len \(128\)"),
+        (dict(window=-1), r"`window` and `sink_tokens` must be >= 0 .* got -1 and"),
     ],
 )
 def test_bad_lengths(tiny_llama: torch.nn.Module, kwargs: dict, match: str) -> None:

@@ -146,6 +146,9 @@ def calibrate(
     if weighting not in ("fisher", "output"):
         raise ValueError(f"`weighting` must be 'fisher' or 'output', got {weighting!r}.")
     check_supported(model)
+    if window < 0 or sink_tokens < 0:
+        raise ValueError(f"`window` and `sink_tokens` must be >= 0 (the full-precision layout the calibration is "
+                         f"made for), got {window} and {sink_tokens}.")
     if seq_len <= sink_tokens:
         raise ValueError(f"`seq_len` ({seq_len}) must exceed `sink_tokens` ({sink_tokens}).")
     if tokens < seq_len or heldout_tokens < seq_len:

@@ -57,7 +57,7 @@ class Outliers:
 
 
 @dataclass(frozen=True)
-class _CoordTables:
+class CoordinateTables:
     """Per-coordinate tables of a quantizer, index ``h * D + e`` (packing order), on one device."""
 
     nbits: torch.Tensor  # [H*D] int64
@@ -147,7 +147,7 @@ class SpectralQuantizer:
             offset += hoff
         self.row_bytes = offset
         self._device_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self._coord_cache: dict[torch.device, _CoordTables] = {}
+        self._coord_cache: dict[torch.device, CoordinateTables] = {}
 
     # -- accounting -------------------------------------------------------------------------------------------
     @property
@@ -182,8 +182,10 @@ class SpectralQuantizer:
             )
         return self._device_cache[device]
 
-    def _coords_on(self, device: torch.device) -> _CoordTables:
-        """Per-coordinate layout and codebook tables (all heads and regimes at once), built once per device."""
+    def coordinate_tables(self, device: torch.device | str) -> CoordinateTables:
+        """Per-coordinate layout and codebook tables (all heads and regimes at once), built once per device; the
+        Triton kernels' tables (:mod:`spectralkv.kernels.layout`) are these, reshaped."""
+        device = torch.device(device)
         if device not in self._coord_cache:
             hd = self.coords
             nbits = torch.zeros(hd, dtype=torch.long)
@@ -202,7 +204,7 @@ class SpectralQuantizer:
                 edges = cb.boundaries(self.codebooks, b)
                 bnd[b, : edges.numel()] = edges
                 cent[b] = self.codebooks[b - 1]
-            self._coord_cache[device] = _CoordTables(
+            self._coord_cache[device] = CoordinateTables(
                 nbits=nbits.to(device),
                 byte=byte.to(device),
                 byte_hi=(byte + 1).clamp_max(max(self.row_bytes - 1, 0)).to(device),
@@ -219,14 +221,14 @@ class SpectralQuantizer:
         """``[B, H, T, D]`` coordinates -> ``[B, T, H * D]`` int64 codes (0 for 0-bit coordinates), every regime in one
         ``searchsorted`` (same buckets as :func:`spectralkv.codebook.quantize`)."""
         b, h, t, d = z.shape
-        tab = self._coords_on(z.device)
+        tab = self.coordinate_tables(z.device)
         flat = z.permute(1, 3, 0, 2).reshape(h * d, b * t).contiguous()
         codes = torch.searchsorted(tab.boundaries, flat)  # [H*D, B*T]
         return codes.view(h * d, b, t).permute(1, 2, 0)
 
     def _centroids(self, codes: torch.Tensor) -> torch.Tensor:
         """``[B, T, H * D]`` codes -> ``[B, H, T, D]`` float32 centroids (0 for 0-bit coordinates)."""
-        tab = self._coords_on(codes.device)
+        tab = self.coordinate_tables(codes.device)
         b, t, _ = codes.shape
         z = tab.centroids[tab.centroid_base + codes]
         return z.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -298,7 +300,7 @@ class SpectralQuantizer:
             scales = scales.transpose(1, 2).contiguous()
         outliers = self.find_outliers(z)
         b, _, t, _ = z.shape
-        tab = self._coords_on(x.device)
+        tab = self.coordinate_tables(x.device)
         val = self._codes(z).to(torch.int32) << tab.shift  # at most 15 bits: a code spans at most two bytes
         rows = torch.zeros(b, t, self.row_bytes + 2, dtype=torch.int32, device=x.device)  # + spill room
         # codes never share a bit, so adding them into their bytes is OR-ing them in
@@ -313,7 +315,7 @@ class SpectralQuantizer:
         if self.row_bytes == 0:  # every coordinate at 0 bits
             z = torch.zeros(b, self.num_heads, t, self.head_dim, dtype=torch.float32, device=packed.device)
         else:
-            tab = self._coords_on(packed.device)
+            tab = self.coordinate_tables(packed.device)
             lo = packed[..., tab.byte].to(torch.int32)
             hi = packed[..., tab.byte_hi].to(torch.int32) * tab.spills
             codes = ((lo | (hi << 8)) >> tab.shift) & tab.mask
