@@ -429,3 +429,34 @@ def test_generate_tiny_cpu_end_to_end(gen: ModuleType, tmp_path: Path, monkeypat
     assert "python scripts/bench_generate.py --device cpu --tiny" in md and "largest batch that fits" in md
     assert "| spectralkv 2.5 bit | 2 | 64 | 8 |" in md and "decode speedup vs fp16-dynamic" in md
     assert (out / "bench_generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- scripts/gpu_check.sh: the one prepared run for a lent GPU ----------------------------------------------------
+def _gpu_check(tmp_path: Path, *stages: str, **env: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), **env}
+    full_env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), *stages], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+
+
+def test_gpu_check_rejects_unknown_stages(tmp_path: Path) -> None:
+    out = _gpu_check(tmp_path, "tests", "benchmarks")
+    assert out.returncode == 2 and "unknown stage 'benchmarks'" in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's refusal on a machine without CUDA")
+def test_gpu_check_without_gpu(tmp_path: Path) -> None:
+    """Without CUDA it refuses up front; with the plumbing switch it runs a stage on the package copied from this
+    checkout (kernels/ inside spectralkv/), records each stage's exit status and cleans up its temporary site."""
+    out = _gpu_check(tmp_path, "decode")
+    assert out.returncode == 3 and "needs a CUDA GPU" in out.stdout + out.stderr
+    out = _gpu_check(tmp_path, "decode", GPU_CHECK_ALLOW_CPU="1")
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert out.returncode == 1, log  # the benchmark itself exits 2 without a GPU, so the run is not a success
+    site = next(line for line in log.splitlines() if line.startswith("spectralkv ")).split(" from ")[1]
+    assert site.startswith("/tmp/spectralkv-site.") and site.endswith("/spectralkv/__init__.py")
+    assert not Path(site).exists()  # the temporary site is removed
+    assert "== decode: exit 2" in log and "stages: decode=2" in log
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log"]

@@ -1,4 +1,5 @@
-"""Triton kernels against their PyTorch references, on CPU under ``TRITON_INTERPRET=1`` (set in conftest).
+"""Triton kernels against their PyTorch references, on CPU under ``TRITON_INTERPRET=1`` (set in conftest), or
+compiled on a CUDA GPU with ``TRITON_INTERPRET=0`` (``scripts/gpu_check.sh``).
 
 Shapes are tiny (the interpreter costs ~10 ms per program per tile) but odd: several bit mixes per layer (every
 width 0..8, different regimes per head), GQA groups 1/3/4, head_dim 64, 128 and 80 (not a power of two), ragged and
@@ -8,6 +9,7 @@ measured on these shapes (fp32: kernel vs reference max error ~3e-6 on outputs o
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -28,6 +30,9 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels need a GPU or TRITON_INTERPRET=1",
 )
+# Under TRITON_INTERPRET=1 (conftest's default, CI) the kernels run on CPU tensors. With TRITON_INTERPRET=0 on a CUDA
+# machine (scripts/gpu_check.sh) the same cases run compiled on the GPU, where the interpreter's leniency is gone.
+DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 
 # -- quantizers with chosen bit mixes -----------------------------------------------------------------------------
 # A mix is {bits: count or fraction of head_dim}, rounded to multiples of 8 (what the allocator guarantees); "rest"
@@ -78,13 +83,13 @@ def make_tokens(q: SpectralQuantizer, b: int, n: int, seed: int = 0) -> torch.Te
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(b, q.num_heads, n, q.head_dim, generator=g)
     z = z * (1 + torch.rand(b, q.num_heads, n, 1, generator=g))  # token-to-token scale variation
-    return z @ q.decoder[None] + q.mean[None, :, None, :]
+    return (z @ q.decoder[None] + q.mean[None, :, None, :]).to(DEV)
 
 
 def codes_of(q: SpectralQuantizer, packed: torch.Tensor) -> torch.Tensor:
     """Unpacked codes ``[B, T, H, D]`` (packing order; -1 for 0-bit coordinates)."""
     b, t, _ = packed.shape
-    out = torch.full((b, t, q.num_heads, q.head_dim), -1, dtype=torch.long)
+    out = torch.full((b, t, q.num_heads, q.head_dim), -1, dtype=torch.long, device=packed.device)
     for h in range(q.num_heads):
         for r in q.regimes[h]:
             o = q.head_byte_offsets[h] + r.byte_offset
@@ -109,7 +114,7 @@ def test_layout_tables_decode_like_unpack(mix: str, d: int) -> None:
     q = make_quantizer(3, d, mix, token_scale=d != 80, seed=d)
     x = make_tokens(q, 2, 9)
     packed, scales = q.encode(x)
-    got = decode_rotated_ref(tables_for(q, "cpu"), packed, scales)
+    got = decode_rotated_ref(tables_for(q, DEV), packed, scales)
     assert torch.equal(got, q.decode_rotated(packed, scales))
 
 
@@ -132,15 +137,16 @@ def test_encode_pack_stage_bit_exact(heads: int, d: int, mix: str, token_scale: 
     x = make_tokens(q, 2, t, seed=1)
     ref_packed, ref_scales = q.encode(x)
     z = q.rotate(x)
-    packed, scales = encode_launch(tables_for(q, "cpu"), z, rotate=False, scales=ref_scales)
+    packed, scales = encode_launch(tables_for(q, DEV), z, rotate=False, scales=ref_scales)
     assert torch.equal(packed, ref_packed), report(packed, ref_packed)
     # codes on exact boundaries and far outside the codebook range
     table = q.codebooks
     edge = torch.stack([cb.boundaries(table, 3)[0], cb.centroids(table, 8)[-1] * 10, -1e6 * torch.ones(())])
+    edge = edge.to(DEV)
     z_edge = z.clone()
     z_edge[..., :3] = edge * (ref_scales.transpose(1, 2).float()[..., None] if token_scale else 1)
     ref_edge, edge_scales = _encode_given(q, z_edge)
-    packed_edge, _ = encode_launch(tables_for(q, "cpu"), z_edge, rotate=False, scales=edge_scales)
+    packed_edge, _ = encode_launch(tables_for(q, DEV), z_edge, rotate=False, scales=edge_scales)
     assert torch.equal(packed_edge, ref_edge), report(packed_edge, ref_edge)
 
 
@@ -166,7 +172,7 @@ def test_encode_full_path(heads: int, d: int, mix: str, token_scale: bool, t: in
     x = make_tokens(q, 2, t, seed=2).to(torch.bfloat16)
     ref_packed, ref_scales = q.encode(x)
     packed, scales = spectral_encode(q, x)
-    same_scale = torch.ones(2, t, heads, dtype=torch.bool)
+    same_scale = torch.ones(2, t, heads, dtype=torch.bool, device=DEV)
     if token_scale:
         ulp = (ref_scales.float().abs() * 2**-10).clamp_min(2**-24)
         assert ((scales.float() - ref_scales.float()).abs() <= ulp).all(), report(scales, ref_scales)
@@ -175,10 +181,10 @@ def test_encode_full_path(heads: int, d: int, mix: str, token_scale: bool, t: in
     z = q.rotate(x)
     if token_scale:
         z = z / ref_scales.transpose(1, 2).float()[..., None]
-    near = torch.zeros(2, heads, t, d, dtype=torch.bool)
+    near = torch.zeros(2, heads, t, d, dtype=torch.bool, device=DEV)
     for h in range(heads):
         for r in q.regimes[h]:
-            bnd = cb.boundaries(q.codebooks, r.bits)
+            bnd = cb.boundaries(q.codebooks, r.bits).to(DEV)
             zz = z[:, h, :, r.start : r.start + r.count]
             near[:, h, :, r.start : r.start + r.count] = (zz[..., None] - bnd).abs().amin(-1) <= 1e-5
     got, want = codes_of(q, packed), codes_of(q, ref_packed)
@@ -209,12 +215,12 @@ def test_encode_empty_and_shapes() -> None:
     from spectralkv.kernels.encode import encode_launch, spectral_encode
 
     q = make_quantizer(2, 64, "3bit")
-    packed, scales = spectral_encode(q, torch.zeros(3, 2, 0, 64))
+    packed, scales = spectral_encode(q, torch.zeros(3, 2, 0, 64, device=DEV))
     assert packed.shape == (3, 0, q.row_bytes) and scales.shape == (3, 0, 2)
     with pytest.raises(ValueError, match="heads"):
-        spectral_encode(q, torch.zeros(1, 3, 4, 64))
+        spectral_encode(q, torch.zeros(1, 3, 4, 64, device=DEV))
     with pytest.raises(ValueError, match="block_t"):
-        encode_launch(tables_for(q, "cpu"), torch.zeros(1, 2, 4, 64), block_t=24)
+        encode_launch(tables_for(q, DEV), torch.zeros(1, 2, 4, 64, device=DEV), block_t=24)
 
 
 # -- decode attention -------------------------------------------------------------------------------------------------
@@ -248,8 +254,11 @@ def make_case(
         comp_mask[0] = False
     elif masks == "holes":  # arbitrary pattern
         comp_mask = torch.rand(b, n, generator=gen) > 0.3
-    return dict(q=q.to(dtype), k=PackedSide(qk, kc, ks, ko), v=PackedSide(qv, vc, vs, vo), k_fp=k_fp, v_fp=v_fp,
-                comp_mask=comp_mask, fp_mask=fp_mask)
+    def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(DEV)
+
+    return dict(q=dev(q.to(dtype)), k=PackedSide(qk, kc, ks, ko), v=PackedSide(qv, vc, vs, vo), k_fp=dev(k_fp),
+                v_fp=dev(v_fp), comp_mask=dev(comp_mask), fp_mask=dev(fp_mask))
 
 
 def sdpa_over_decoded(case: dict[str, Any]) -> torch.Tensor:
@@ -259,8 +268,8 @@ def sdpa_over_decoded(case: dict[str, Any]) -> torch.Tensor:
     values = torch.cat([v.quantizer.decode(v.codes, v.scales, torch.float32, v.outliers), case["v_fp"].float()], 2)
     b, n = k.codes.shape[:2]
     w = case["k_fp"].shape[2]
-    cm = case["comp_mask"] if case["comp_mask"] is not None else torch.ones(b, n, dtype=torch.bool)
-    fm = case["fp_mask"] if case["fp_mask"] is not None else torch.ones(b, w, dtype=torch.bool)
+    cm = case["comp_mask"] if case["comp_mask"] is not None else torch.ones(b, n, dtype=torch.bool, device=DEV)
+    fm = case["fp_mask"] if case["fp_mask"] is not None else torch.ones(b, w, dtype=torch.bool, device=DEV)
     mask = torch.cat([cm, fm], 1)[:, None, None, :]
     q = case["q"].float()[:, :, None]
     return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)[:, :, 0]
@@ -309,7 +318,7 @@ def test_reference_without_window_and_scaling() -> None:
     case = make_case(2, 64, "3bit", "3bit", 20, 1)
     case["k_fp"] = case["v_fp"] = None
     expected = make_case(2, 64, "3bit", "3bit", 20, 1)
-    expected["fp_mask"] = torch.zeros(2, 1, dtype=torch.bool)
+    expected["fp_mask"] = torch.zeros(2, 1, dtype=torch.bool, device=DEV)
     torch.testing.assert_close(decode_attention_ref(**case), sdpa_over_decoded(expected), atol=1e-5, rtol=1e-5)
     out = decode_attention_ref(**{**case, "scaling": 0.05})
     assert not torch.allclose(out, decode_attention_ref(**case))
@@ -460,6 +469,8 @@ def test_fused_generate_matches_unfused(tiny_llama: Any, tiny_llama_calibration:
     ids = torch.randint(2, 256, (2, 28), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0  # left padding reaching past the sinks into the compressed tokens
+    if DEV.type == "cuda":  # compiled kernels need the model on the GPU (a copy: the fixture is shared)
+        model, ids, mask = copy.deepcopy(model).to(DEV), ids.to(DEV), mask.to(DEV)
     previous = model.config._attn_implementation
     try:
         want = _generate(model, SpectralKVCache(model, cfg, window=8, sink_tokens=2), previous, ids, mask)

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# One prepared run for a lent CUDA GPU (a 15-minute lease fits it): the kernel tests compiled on the GPU, then the
+# decode and generate benchmarks. Runs on the machine's own torch/Triton (no set-up, no network); the package is
+# copied from this checkout into a temporary site folder, and transformers comes from carried wheels when the
+# machine's is older than the package needs (make them here with `scripts/gpu_check.sh --wheels`, carry `.whl`).
+#
+#   scripts/gpu_check.sh [STAGE...]     stages: tests decode outliers generate maxbatch (default: all but maxbatch)
+#   scripts/gpu_check.sh --wheels       (on this machine) download the wheels the GPU machine lacks into .whl/
+#
+# Every stage has its own time limit and a failed stage does not stop the next one; $OUT (default
+# bench_results/gpu) gets gpu_check.log (environment, each stage's output and exit status) and the benchmarks'
+# Markdown tables, CSVs and plots: at most 8 files, two folders deep at most, what the device tool brings back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+TRANSFORMERS_MIN="5.24"
+GPU_CHECK_ALLOW_CPU="${GPU_CHECK_ALLOW_CPU:-0}"
+
+if [ "${1:-}" = "--wheels" ]; then
+  # pure-Python wheels only (the GPU machine's Python is 3.12; its torch, Triton, tokenizers stay as they are)
+  PY="${PYTHON:-.venv/bin/python}"
+  version="$("$PY" -c 'import transformers; print(transformers.__version__)')"
+  mkdir -p .whl
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl "transformers==$version"
+  ls -l .whl
+  exit 0
+fi
+
+OUT="${OUT:-bench_results/gpu}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+log() { printf '%s\n' "$*" | tee -a "$LOG"; }
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests decode outliers generate)
+for s in "${stages[@]}"; do
+  case "$s" in tests|decode|outliers|generate|maxbatch) ;; *)
+    echo "unknown stage '$s' (choose from: tests decode outliers generate maxbatch)" >&2; exit 2;;
+  esac
+done
+
+# -- environment: this checkout's package over the machine's own torch and Triton -------------------------------
+SITE="$(mktemp -d /tmp/spectralkv-site.XXXX)"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 3
+fi
+mkdir -p "$SITE/spectralkv"
+cp -r src/spectralkv/. "$SITE/spectralkv/"
+cp -r kernels "$SITE/spectralkv/kernels"
+cp -r hub_cards "$SITE/spectralkv/hub_cards"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_INTERPRET=0
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$PY" - <<EOF
+import sys, torch, triton, transformers
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
+      "| transformers", transformers.__version__)
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+from packaging.version import Version
+if Version(transformers.__version__) < Version("$TRANSFORMERS_MIN"):
+    sys.exit("transformers %s < $TRANSFORMERS_MIN: run 'scripts/gpu_check.sh --wheels' here and carry .whl"
+             % transformers.__version__)
+import spectralkv, spectralkv.kernels.decode_attention, spectralkv.kernels.encode  # noqa: F401  (compiles nothing)
+print("spectralkv", spectralkv.__version__, "from", spectralkv.__file__)
+if not torch.cuda.is_available() and "$GPU_CHECK_ALLOW_CPU" != "1":
+    sys.exit("gpu_check.sh needs a CUDA GPU (torch.cuda.is_available() is False); on CPU, 'make test' runs the "
+             "kernels under TRITON_INTERPRET=1 (GPU_CHECK_ALLOW_CPU=1 runs this script's plumbing anyway)")
+EOF
+} 2>&1 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { log "environment check failed"; exit 3; }
+
+run_stage() {  # name, seconds, command...
+  local name="$1" limit="$2"; shift 2
+  log ""
+  log "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  log "== $name: exit $rc after $((SECONDS - t0))s"
+  status+=("$name=$rc")
+}
+
+status=()
+BENCH="$OUT/bench"
+for s in "${stages[@]}"; do
+  case "$s" in
+    tests)  # the kernel tests, compiled on the GPU (tests/test_kernels.py moves its cases to CUDA)
+      run_stage tests 150 "$PY" -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_kernels.py ;;
+    decode)  # per-layer decode attention, Llama-3.1-8B shapes (the README's first benchmark line)
+      run_stage decode 180 "$PY" scripts/bench_decode.py --contexts 1k 8k 32k 128k --batches 1 4 16 \
+        --bits 2 2.5 3 4 --out "$BENCH/decode" ;;
+    outliers)  # the same kernel reading exact outliers at SmolLM2's default share
+      run_stage outliers 60 "$PY" scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2.5 4 \
+        --outlier-fraction 0.0057 --out "$BENCH/outliers" ;;
+    generate)  # end-to-end generate at batch 8 x 32k on an 8B-shaped random model
+      run_stage generate 150 "$PY" scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128 \
+        --out "$BENCH/generate" ;;
+    maxbatch)  # the largest batch that fits at 32k, per method
+      run_stage maxbatch 480 "$PY" scripts/bench_generate.py --batches 8 --context 32k --find-max-batch \
+        --prefill-chunk 4096 --out "$BENCH/maxbatch" ;;
+  esac
+done
+
+# what comes back: the log plus the Markdown tables and plots (CSV only for the main decode table: 8 files at most)
+for f in "$BENCH"/decode/bench_decode.{md,csv,png} "$BENCH"/outliers/bench_decode.md \
+         "$BENCH"/generate/bench_generate.{md,png} "$BENCH"/maxbatch/bench_generate.md; do
+  [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
+done
+rm -rf "$BENCH" "$SITE"
+log ""
+log "stages: ${status[*]}"
+for st in "${status[@]}"; do [ "${st##*=}" = 0 ] || exit 1; done
