@@ -19,14 +19,17 @@ Per run: prefill time (up to the first generated token), decode tokens/s over th
 excluded), peak GPU memory, and the KV cache's resident bytes. ``speedup_vs_fp16`` is against ``fp16-dynamic`` and
 ``speedup_vs_best_fp16`` against the faster fp16 method, at the same batch; the summary checks the target
 (>= 2x fp16). ``--find-max-batch`` also doubles, then bisects, the batch at the given context until it runs out of
-memory, for each method, and reports the largest batch that fits (with a few decode tokens per try).
+memory, for each method, and reports the largest batch that fits and its decode tokens/s (a few decode tokens per
+try). Each try fills the cache with random keys and values instead of running the prefill (``--search-fill
+synthetic``, the default: seconds instead of minutes per try; what must fit to serve a batch is its cache and the
+decode steps, since servers prefill in chunks or sequence by sequence); ``--search-fill prefill`` runs the real one.
 
 Writes ``<out>/bench_generate.csv``, ``<out>/bench_generate.md`` and ``<out>/bench_generate.png``. Needs a CUDA GPU
 and exits with status 2 without one, except with ``--device cpu --tiny`` (a 2-layer toy model, a short context):
 that path runs the whole script on CPU in seconds so the tests can check its logic.
 
     python scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128
-    python scripts/bench_generate.py --find-max-batch --prefill-chunk 4096
+    python scripts/bench_generate.py --context 32k --find-max-batch --search-only --search-start 8
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model dtype (default: float16 on cuda, float32 on cpu)")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prefill in chunks of this many tokens (generate's prefill_chunk_size; 0: one pass).\n"
-                        "Bounds the prefill activations, so --find-max-batch measures what the cache allows")
+                        "Bounds the prefill activations (and --find-max-batch --search-fill prefill's)")
     p.add_argument("--warmup-tokens", type=int, default=None,
                    help="tokens of an untimed warm-up generate per method, at a short context (compiles the "
                         "Triton kernels); 0: none")
@@ -92,6 +95,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-limit", type=int, default=1024, help="stop the search here (default: %(default)s)")
     p.add_argument("--search-new-tokens", type=int, default=None,
                    help="generated tokens per try of the batch search (default: 8, --tiny 2)")
+    p.add_argument("--search-fill", choices=("synthetic", "prefill"), default="synthetic",
+                   help="how each try of the batch search fills the cache to --context: synthetic writes random\n"
+                        "keys and values into it (seconds; what must fit is the cache and a decode step), prefill\n"
+                        "runs the model's prefill (minutes per try at 32k) (default: %(default)s)")
+    p.add_argument("--search-start", type=int, default=None,
+                   help="first batch the search tries (default: the smallest of --batches)")
+    p.add_argument("--search-only", action="store_true",
+                   help="with --find-max-batch: skip the throughput runs at --batches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
@@ -114,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("window", "sinks", "warmup_tokens", "prefill_chunk"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.search_start is not None and args.search_start < 1:
+        p.error(f"--search-start must be >= 1, got {args.search_start}")
+    if args.search_only and not args.find_max_batch:
+        p.error("--search-only needs --find-max-batch")
     if args.max_batch_limit < 1:
         p.error(f"--max-batch-limit must be >= 1, got {args.max_batch_limit}")
     if args.layers is not None and args.layers < 1:
@@ -197,6 +212,47 @@ def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sink
 # ---------------------------------------------------------------------------------------------------------------
 # One generate
 # ---------------------------------------------------------------------------------------------------------------
+FILL_CHUNK = 4096  # tokens per layer written at once by the synthetic fill (bounds its temporary memory)
+
+
+def filled_cache(model: torch.nn.Module, method: str, batch: int, tokens: int, capacity: int, cfg: Any,
+                 args: argparse.Namespace) -> Any:
+    """The cache ``method`` would hold after a prefill of ``tokens`` tokens, filled with random keys and values
+    (``capacity``: the most tokens it will hold, what a static cache preallocates).
+
+    For the batch search: what must fit to serve a batch is its cache and a decode step (servers prefill sequence by
+    sequence or in chunks), and a real prefill of a hundred sequences x 32k on an 8B model costs minutes per try.
+    spectralkv's tokens go through its write path (rotate, quantize, pack) like a prefill's, without the decoded
+    full-precision copy ``update`` returns; fp16 layers get one tensor each (no ``torch.cat`` growth)."""
+    from transformers import DynamicCache, StaticCache
+
+    from spectralkv.fused import FusedSpectralKVCache
+    from spectralkv.layer_base import CompressedLayer
+
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    c = model.config
+    if method == "fp16-dynamic":
+        cache = DynamicCache(config=c)
+    elif method == "fp16-static":
+        cache = StaticCache(config=c, max_cache_len=capacity)
+    else:
+        cache = FusedSpectralKVCache(model, cfg, window=args.window, sink_tokens=args.sinks)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    step = tokens if method == "fp16-dynamic" else FILL_CHUNK
+    for i in range(c.num_hidden_layers):
+        layer = cache.layers[i] if i < len(cache.layers) else None
+        for t0 in range(0, tokens, step):
+            shape = (batch, c.num_key_value_heads, min(step, tokens - t0), c.head_dim)
+            k = torch.randn(shape, generator=gen, device=dev, dtype=dtype)
+            v = torch.randn(shape, generator=gen, device=dev, dtype=dtype)
+            if isinstance(layer, CompressedLayer):
+                layer.ingest(k, v)
+            else:
+                cache.update(k, v, i)
+            del k, v
+    return cache
+
+
 class StepTimer:
     """A stopping criterion that never stops and records when each step's token is ready.
 
@@ -246,22 +302,30 @@ def _free(device: torch.device) -> None:
 
 
 def generate_once(model: torch.nn.Module, method: str, batch: int, context: int, new_tokens: int,
-                  args: argparse.Namespace) -> dict[str, Any]:
-    """One timed ``generate``; the caller attaches/detaches spectralkv. Raises on out-of-memory."""
+                  args: argparse.Namespace, cache: Any = None) -> dict[str, Any]:
+    """One timed ``generate``; the caller attaches/detaches spectralkv. Raises on out-of-memory.
+
+    With ``cache`` (already holding the first ``context - 1`` tokens, see :func:`filled_cache`) generate runs only
+    the prompt's last token before decoding: ``prefill_s`` is then that one step."""
     from transformers import StoppingCriteriaList
+
+    from spectralkv.compat import cache_kwarg
 
     dev = torch.device(args.device)
     vocab = model.config.vocab_size
     gen = torch.Generator(device=dev).manual_seed(args.seed)
+    filled = cache is not None
     ids = torch.randint(3, vocab, (batch, context), device=dev, generator=gen)
     mask = torch.ones_like(ids)
     timer = StepTimer(dev)
     kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([timer]),
                                   pad_token_id=0)
-    if method == "fp16-static":
+    if filled:
+        kwargs[cache_kwarg(model)] = cache
+    elif method == "fp16-static":
         kwargs["cache_implementation"] = "static"
-    if args.prefill_chunk:
+    if args.prefill_chunk and not filled:
         kwargs["prefill_chunk_size"] = args.prefill_chunk
     _free(dev)
     if dev.type == "cuda":
@@ -282,7 +346,7 @@ def generate_once(model: torch.nn.Module, method: str, batch: int, context: int,
         peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else float("nan"),
     )
     row["decode_tok_s"] = batch * (generated - 1) / row["decode_s"] if row["decode_s"] > 0 else float("nan")
-    row["prefill_tok_s"] = batch * context / row["prefill_s"]
+    row["prefill_tok_s"] = batch * context / row["prefill_s"] if not filled else float("nan")
     report = getattr(cache, "memory_report", None)
     row["compressed_tokens"] = report()["compressed_tokens"] if callable(report) else 0
     row["fused_backend"] = ""
@@ -310,7 +374,10 @@ class Runner:
                                                             self.args.seed)
         return self.calibrations[bits]
 
-    def run(self, method: str, bits: float | None, batch: int, new_tokens: int) -> dict[str, Any]:
+    def run(self, method: str, bits: float | None, batch: int, new_tokens: int, fill: bool = False
+            ) -> dict[str, Any]:
+        """One ``generate`` at ``--context``; ``fill``: from a synthetically filled cache (no prefill, no warm-up:
+        the batch search asks what fits, not how fast)."""
         from spectralkv import attach, detach
         from spectralkv.layer_base import FLUSH_CHUNK
 
@@ -320,13 +387,21 @@ class Runner:
             attach(self.model, cfg, fused=True, window=args.window, sink_tokens=args.sinks)
         try:
             key = (method, bits, batch)
-            if args.warmup_tokens and key not in self.warm:
+            if fill:
+                # the prompt's last token and all but the last generated one join it, as after a real prefill
+                cache = filled_cache(self.model, method, batch, args.context - 1, args.context + new_tokens - 1,
+                                     cfg, args)
+                row = generate_once(self.model, method, batch, args.context, new_tokens, args, cache=cache)
+                del cache
+                row["note"] = "cache filled with random tokens (no prefill)"
+            elif args.warmup_tokens and key not in self.warm:
                 # long enough for two full prefill flush chunks and a ragged one, so the Triton write kernel is
                 # compiled for every token count the real prefill uses, and the timed prefill compiles nothing
                 short = min(args.context, 2 * FLUSH_CHUNK + args.window + args.sinks + 8)
                 generate_once(self.model, method, batch, short, max(2, args.warmup_tokens), args)
                 self.warm.add(key)
-            row = generate_once(self.model, method, batch, args.context, new_tokens, args)
+            if not fill:
+                row = generate_once(self.model, method, batch, args.context, new_tokens, args)
             row["attn_implementation"] = self.model.config._attn_implementation  # as it ran (attached or not)
         finally:
             detach(self.model)
@@ -341,7 +416,8 @@ def find_max_batch(fits: Callable[[int], bool], limit: int, start: int = 1) -> t
     """Largest batch in ``[start, limit]`` for which ``fits`` holds, assuming it holds below any batch that fits.
 
     Doubles from ``start`` until a failure (or ``limit``), then bisects between the last success and the first
-    failure. Returns ``(batch, reached_limit)``; batch 0 when even ``start`` does not fit.
+    failure (below ``start`` when ``start`` itself does not fit). Returns ``(batch, reached_limit)``; batch 0 when
+    not even 1 fits.
     """
     lo, hi, b = 0, None, max(1, start)
     while True:
@@ -517,7 +593,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     cases = [(m, None) for m in FP16_METHODS if m in args.methods]
     cases += [("spectralkv", b) for b in args.bits if "spectralkv" in args.methods]
     rows: list[dict[str, Any]] = []
-    for batch in args.batches:
+    for batch in [] if args.search_only else args.batches:
         for method, bits in cases:
             row = None
             try:
@@ -543,7 +619,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                      last: dict[int, dict[str, Any]] = last) -> bool:
                 oom = False
                 try:
-                    last[batch] = runner.run(method, bits, batch, args.search_new_tokens)
+                    last[batch] = runner.run(method, bits, batch, args.search_new_tokens,
+                                             fill=args.search_fill == "synthetic")
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
@@ -552,10 +629,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(f"  {method} {bits or ''} batch {batch}: {'out of memory' if oom else 'fits'}", flush=True)
                 return not oom
 
-            best, at_limit = find_max_batch(fits, args.max_batch_limit)
+            start = args.search_start or min(args.batches)
+            best, at_limit = find_max_batch(fits, args.max_batch_limit, start=min(start, args.max_batch_limit))
+            notes = [last.get(best, {}).get("note", "")]
+            notes.append(f"search stopped at --max-batch-limit {args.max_batch_limit}" if at_limit else "")
             row = dict(last.get(best, {}), method=method, bits=bits if bits is not None else 16.0, batch=best,
-                       context=args.context, mode="max_batch", max_batch=best,
-                       note=f"search stopped at --max-batch-limit {args.max_batch_limit}" if at_limit else "")
+                       context=args.context, mode="max_batch", max_batch=best, note="; ".join(n for n in notes if n))
             row.setdefault("decode_tok_s", float("nan"))
             rows.append(row)
             print(f"{_label(row):22s} largest batch at ctx {args.context}: {best}{' (limit)' if at_limit else ''}",

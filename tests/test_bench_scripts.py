@@ -431,6 +431,20 @@ def test_generate_tiny_cpu_end_to_end(gen: ModuleType, tmp_path: Path, monkeypat
     assert (out / "bench_generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_filled_cache_holds_what_a_prefill_leaves(gen: ModuleType) -> None:
+    """The batch search's synthetic fill leaves the same cache (type, resident bytes, compressed tokens) as a real
+    prefill, and generate decodes from it after one step over the extra prompt token."""
+    args = gen.parse_args(["--device", "cpu", "--tiny"])
+    runner = gen.Runner(gen.build_model(args), args)
+    for method, bits in (("fp16-dynamic", None), ("fp16-static", None), ("spectralkv", 2.5)):
+        real = runner.run(method, bits, 3, 5)
+        filled = runner.run(method, bits, 3, 5, fill=True)
+        for key in ("cache_type", "cache_bytes", "compressed_tokens", "new_tokens", "context", "fused_backend"):
+            assert filled[key] == real[key], (method, key, filled[key], real[key])
+        assert filled["cache_bytes"] > 0 and "no prefill" in filled["note"] and math.isnan(filled["prefill_tok_s"])
+    assert real["compressed_tokens"] > 40  # spectralkv really compressed the filled tokens
+
+
 # -- scripts/gpu_check.sh: the one prepared run for a lent GPU ----------------------------------------------------
 def _gpu_check(tmp_path: Path, *stages: str, **env: str) -> subprocess.CompletedProcess[str]:
     import os

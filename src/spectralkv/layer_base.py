@@ -131,6 +131,15 @@ class CompressedLayer(DynamicLayer):
         self._ingest(key_states, value_states)
         return keys, values
 
+    def ingest(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store ``[B, H, n, D]`` tokens as ``update`` would, without returning the cache to attend over.
+
+        For a cache filled from elsewhere (tokens another process computed, a benchmark's synthetic prefill):
+        ``update`` would also decode the whole store into a full-precision copy on every call."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._ingest(key_states, value_states)
+
     def _assemble(self, sinks: torch.Tensor, store: TokenStore, recent: torch.Tensor, new: torch.Tensor
                   ) -> torch.Tensor:
         parts = [p for p in (sinks, store.decode(new.dtype), recent, new) if p is not None and p.shape[2] > 0]
