@@ -27,8 +27,11 @@ So a decode step is three launches: the query product and the two stages. The la
 
 Lookup mode (constexpr ``UNPACK``): ``"gather"`` reads each coordinate's one or two bytes straight from global memory
 (served by L1, since a tile's bytes are contiguous); ``"register"`` loads the head's bytes of a tile once,
-coalesced, and spreads them to coordinates with ``tl.gather`` in registers. Both then look the centroid up in
-global memory.
+coalesced, and spreads them to coordinates with ``tl.gather`` in registers. Centroid mode (constexpr ``LOOKUP``):
+``"table"`` looks every coordinate's centroid up in the ``[9, 256]`` table in global memory (one gather per
+coordinate, served by L1); ``"select"`` picks 1- and 2-bit coordinates' centroids among their 2 + 4 levels in
+registers (``tl.where``) and gathers only for wider ones, which at 2-2.5 bits per coordinate are the minority. Both
+give the same values bit for bit; which is faster is a GPU measurement (``scripts/bench_decode.py --lookup``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .layout import TABLE_COLS, SpectralTables, tables_for
 from .ref import LOG2E, PackedSide, _check
 
 UNPACK_MODES = ("gather", "register")
+LOOKUP_MODES = ("table", "select")
 
 
 @triton.jit
@@ -55,6 +59,7 @@ def _centroids(
     head_off, head_bytes, table_ptr,  # the head's first byte and byte count in the row
     TABLE_STRIDE: tl.constexpr,
     UNPACK: tl.constexpr,
+    LOOKUP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_HB: tl.constexpr,
@@ -76,6 +81,18 @@ def _centroids(
         lo = tl.load(ptrs, mask=tmask[:, None] & active[None, :], other=0).to(tl.int32)
         hi = tl.load(ptrs + 1, mask=tmask[:, None] & spills[None, :], other=0).to(tl.int32)
     code = ((lo | (hi << 8)) >> sh[None, :]) & ((1 << nb) - 1)[None, :]
+    if LOOKUP == "select":
+        # 1- and 2-bit coordinates pick among their codebook's 2 + 4 levels in registers; only wider ones gather
+        # from the table (masked lanes issue no load). The same table values, so the same result bit for bit.
+        t1 = table_ptr + TABLE_STRIDE
+        t2 = table_ptr + 2 * TABLE_STRIDE
+        odd = (code & 1) != 0
+        c1 = tl.where(odd, tl.load(t1 + 1), tl.load(t1))
+        c2 = tl.where((code & 2) != 0, tl.where(odd, tl.load(t2 + 3), tl.load(t2 + 2)),
+                      tl.where(odd, tl.load(t2 + 1), tl.load(t2)))
+        wide = (nb > 2)[None, :]
+        cw = tl.load(table_ptr + (nb * TABLE_STRIDE)[None, :] + code, mask=wide & tmask[:, None], other=0.0)
+        return tl.where(wide, cw, tl.where((nb == 2)[None, :], c2, tl.where((nb == 1)[None, :], c1, 0.0)))
     return tl.load(table_ptr + (nb * TABLE_STRIDE)[None, :] + code)
 
 
@@ -127,6 +144,7 @@ def _stage1_kernel(
     HAS_COMP_MASK: tl.constexpr,
     HAS_FP_MASK: tl.constexpr,
     UNPACK: tl.constexpr,
+    LOOKUP: tl.constexpr,
     TABLE_STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -174,7 +192,7 @@ def _stage1_kernel(
                 tmask = tmask & (keep != 0)
             offs_t64 = offs_t.to(tl.int64)
             ck = _centroids(kc_ptr, b * skc_b + offs_t64[:, None] * skc_t, tmask, k_nb, k_bi, k_sh, k_hoff, k_hb,
-                            k_tab_ptr, TABLE_STRIDE, UNPACK, BLOCK_T, BLOCK_D, BLOCK_HB_K)
+                            k_tab_ptr, TABLE_STRIDE, UNPACK, LOOKUP, BLOCK_T, BLOCK_D, BLOCK_HB_K)
             if K_OUT:
                 ck = _with_outliers(ck, tmask, offs_d, ko_cnt_ptr, b * sko_b + offs_t64 * sko_t,
                                     ko_st_ptr, b * skst_b + offs_t64 * skst_t, ko_idx_ptr, ko_val_ptr,
@@ -190,7 +208,7 @@ def _stage1_kernel(
             p = tl.exp2(sc - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             cv = _centroids(vc_ptr, b * svc_b + offs_t64[:, None] * svc_t, tmask, v_nb, v_bi, v_sh, v_hoff, v_hb,
-                            v_tab_ptr, TABLE_STRIDE, UNPACK, BLOCK_T, BLOCK_D, BLOCK_HB_V)
+                            v_tab_ptr, TABLE_STRIDE, UNPACK, LOOKUP, BLOCK_T, BLOCK_D, BLOCK_HB_V)
             if V_OUT:
                 cv = _with_outliers(cv, tmask, offs_d, vo_cnt_ptr, b * svo_b + offs_t64 * svo_t,
                                     vo_st_ptr, b * svst_b + offs_t64 * svst_t, vo_idx_ptr, vo_val_ptr,
@@ -386,6 +404,7 @@ def _decode_attention_launch(
     num_splits: int,
     block_t: int,
     unpack: str,
+    lookup: str,
     num_warps: int,
 ) -> torch.Tensor:
     """Owns shapes, strides and grids (flat tensor arguments so it can be a ``torch.library`` op)."""
@@ -441,6 +460,7 @@ def _decode_attention_launch(
             HAS_COMP_MASK=cm is not None,
             HAS_FP_MASK=fm is not None,
             UNPACK=unpack,
+            LOOKUP=lookup,
             TABLE_STRIDE=TABLE_COLS,
             BLOCK_G=block_g,
             BLOCK_D=block_d,
@@ -490,6 +510,7 @@ def decode_attention_launch(
     num_splits: int | None = None,
     block_t: int = 32,
     unpack: str = "gather",
+    lookup: str = "table",
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Check and flatten the arguments and run the ``spectralkv::decode_attention_packed`` op (arguments as in
@@ -497,6 +518,8 @@ def decode_attention_launch(
     separately)."""
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {UNPACK_MODES}, got {unpack!r}.")
+    if lookup not in LOOKUP_MODES:
+        raise ValueError(f"lookup must be one of {LOOKUP_MODES}, got {lookup!r}.")
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}.")
     if k_codes.stride(-1) != 1 or v_codes.stride(-1) != 1:
@@ -515,7 +538,7 @@ def decode_attention_launch(
         v_codes, v_scales, vt.nbits, vt.byte_index, vt.shift, vt.head_offset, vt.head_bytes, vt.centroids,
         vt.decoder, vt.mean, vt.max_head_bytes, *_side_outliers(v_outliers),
         k_fp, v_fp, comp_mask, fp_mask, float(scaling), max(1, int(num_splits)), int(block_t), unpack,
-        int(num_warps),
+        lookup, int(num_warps),
     )
 
 
@@ -532,22 +555,23 @@ def decode_attention(
     num_splits: int | None = None,
     block_t: int = 32,
     unpack: str = "gather",
+    lookup: str = "table",
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Triton version of :func:`spectralkv.kernels.ref.decode_attention_ref` (same arguments and result).
 
     Extra keywords: ``num_splits`` (compressed-token splits per sequence and KV head; default from the SM count),
-    ``block_t`` (tokens per tile, a power of two >= 16), ``unpack`` (``"gather"`` or ``"register"``, see the module
-    docstring), ``num_warps`` (per program; untuned: at head_dim 128 stage 1 compiles to ~250 registers per thread
-    with 4 warps and no spills, see :mod:`spectralkv.kernels.aot`).
+    ``block_t`` (tokens per tile, a power of two >= 16), ``unpack`` (``"gather"`` or ``"register"``) and ``lookup``
+    (``"table"`` or ``"select"``), see the module docstring, ``num_warps`` (per program; untuned: at head_dim 128
+    stage 1 compiles to ~250 registers per thread with 4 warps and no spills, see :mod:`spectralkv.kernels.aot`).
     """
     _, _, _, d = _check(q, k, v, k_fp, v_fp)
     scaling = d**-0.5 if scaling is None else float(scaling)
     kt, vt = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
     return decode_attention_launch(q, kt, k.codes, k.scales, vt, v.codes, v.scales, k_fp, v_fp, comp_mask, fp_mask,
                                    scaling, k_outliers=k.outliers, v_outliers=v.outliers, num_splits=num_splits,
-                                   block_t=block_t, unpack=unpack, num_warps=num_warps)
+                                   block_t=block_t, unpack=unpack, lookup=lookup, num_warps=num_warps)
 
 
-__all__ = ["OP_NAME", "UNPACK_MODES", "decode_attention", "decode_attention_launch", "default_num_splits",
-           "outlier_starts"]
+__all__ = ["LOOKUP_MODES", "OP_NAME", "UNPACK_MODES", "decode_attention", "decode_attention_launch",
+           "default_num_splits", "outlier_starts"]

@@ -112,7 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outlier-fraction", type=float, default=0.0,
                    help="share of coordinates kept as exact outliers (SmolLM2's default calibration: 0.0057; "
                         "default: %(default)s)")
-    p.add_argument("--unpack", choices=("gather", "register"), default="gather", help="kernel lookup mode")
+    p.add_argument("--unpack", choices=("gather", "register"), default="gather",
+                   help="how the kernel reads code bytes (default: %(default)s)")
+    p.add_argument("--lookup", choices=("table", "select"), default="table",
+                   help="how the kernel finds centroids: table gathers, select keeps 1-2 bit levels in registers\n"
+                        "(default: %(default)s)")
     p.add_argument("--num-splits", type=int, default=None, help="splits per sequence (default: from the SM count)")
     p.add_argument("--block-t", type=int, default=32, help="tokens per tile")
     p.add_argument("--num-warps", type=int, default=4, help="warps per program")
@@ -393,9 +397,10 @@ def run_case(method: str, bits: float | None, context: int, batch: int, args: ar
             if method == "spectralkv":
                 def fn() -> Any:
                     return decode_attention(q, kside, vside, k_fp, v_fp, num_splits=args.num_splits,
-                                            block_t=args.block_t, unpack=args.unpack, num_warps=args.num_warps)
+                                            block_t=args.block_t, unpack=args.unpack, lookup=args.lookup,
+                                            num_warps=args.num_warps)
 
-                candidates = [(f"triton fused kernel, unpack={args.unpack}", fn)]
+                candidates = [(f"triton fused kernel, unpack={args.unpack}, lookup={args.lookup}", fn)]
             else:
                 q4 = q[:, :, None]
 

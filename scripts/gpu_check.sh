@@ -4,12 +4,13 @@
 # copied from this checkout into a temporary site folder, and transformers comes from carried wheels when the
 # machine's is older than the package needs (make them here with `scripts/gpu_check.sh --wheels`, carry `.whl`).
 #
-#   scripts/gpu_check.sh [STAGE...]     stages: tests decode outliers generate maxbatch (default: all but maxbatch)
+#   scripts/gpu_check.sh [STAGE...]     stages: tests decode outliers modes generate maxbatch
+#                                       (default: all but maxbatch, about 9 minutes at most; maxbatch up to 7)
 #   scripts/gpu_check.sh --wheels       (on this machine) download the wheels the GPU machine lacks into .whl/
 #
 # Every stage has its own time limit and a failed stage does not stop the next one; $OUT (default
-# bench_results/gpu) gets gpu_check.log (environment, each stage's output and exit status) and the benchmarks'
-# Markdown tables, CSVs and plots: at most 8 files, two folders deep at most, what the device tool brings back.
+# bench_results/gpu) gets gpu_check.log (environment, each stage's output and exit status), results.md (every
+# benchmark's Markdown table), and the decode and generate CSVs and plots: 6 files (the device tool brings back 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -34,10 +35,10 @@ LOG="$OUT/gpu_check.log"
 log() { printf '%s\n' "$*" | tee -a "$LOG"; }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests decode outliers generate)
+[ ${#stages[@]} -eq 0 ] && stages=(tests decode outliers modes generate)
 for s in "${stages[@]}"; do
-  case "$s" in tests|decode|outliers|generate|maxbatch) ;; *)
-    echo "unknown stage '$s' (choose from: tests decode outliers generate maxbatch)" >&2; exit 2;;
+  case "$s" in tests|decode|outliers|modes|generate|maxbatch) ;; *)
+    echo "unknown stage '$s' (choose from: tests decode outliers modes generate maxbatch)" >&2; exit 2;;
   esac
 done
 
@@ -88,15 +89,19 @@ BENCH="$OUT/bench"
 for s in "${stages[@]}"; do
   case "$s" in
     tests)  # the kernel tests, compiled on the GPU (tests/test_kernels.py moves its cases to CUDA)
-      run_stage tests 150 "$PY" -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_kernels.py ;;
+      run_stage tests 120 "$PY" -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_kernels.py ;;
     decode)  # per-layer decode attention, Llama-3.1-8B shapes (the README's first benchmark line)
-      run_stage decode 180 "$PY" scripts/bench_decode.py --contexts 1k 8k 32k 128k --batches 1 4 16 \
+      run_stage decode 170 "$PY" scripts/bench_decode.py --contexts 1k 8k 32k 128k --batches 1 4 16 \
         --bits 2 2.5 3 4 --out "$BENCH/decode" ;;
     outliers)  # the same kernel reading exact outliers at SmolLM2's default share
-      run_stage outliers 60 "$PY" scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2.5 4 \
+      run_stage outliers 50 "$PY" scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2.5 4 \
         --outlier-fraction 0.0057 --out "$BENCH/outliers" ;;
+    modes)  # the kernel's other byte-read and centroid modes at 32k (the decode stage used gather + table)
+      run_stage modes 80 bash -c "'$PY' scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2 2.5 4 \
+        --methods spectralkv --unpack register --out '$BENCH/register' && '$PY' scripts/bench_decode.py \
+        --contexts 32k --batches 1 16 --bits 2 2.5 4 --methods spectralkv --lookup select --out '$BENCH/select'" ;;
     generate)  # end-to-end generate at batch 8 x 32k on an 8B-shaped random model
-      run_stage generate 150 "$PY" scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128 \
+      run_stage generate 140 "$PY" scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128 \
         --out "$BENCH/generate" ;;
     maxbatch)  # the largest batch whose cache and decode steps fit at 32k, per method (caches filled synthetically)
       run_stage maxbatch 420 "$PY" scripts/bench_generate.py --context 32k --find-max-batch --search-only \
@@ -104,10 +109,14 @@ for s in "${stages[@]}"; do
   esac
 done
 
-# what comes back: the log plus the Markdown tables and plots (CSV only for the main decode table: 8 files at most)
-for f in "$BENCH"/decode/bench_decode.{md,csv,png} "$BENCH"/outliers/bench_decode.md \
-         "$BENCH"/generate/bench_generate.{md,png} "$BENCH"/maxbatch/bench_generate.md; do
-  [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
+# what comes back: the log, every Markdown table in one file, the decode and generate CSVs and plots
+for name in decode outliers register select generate maxbatch; do
+  for f in "$BENCH/$name"/*.md; do
+    [ -f "$f" ] && { printf '\n## %s\n\n' "$name"; cat "$f"; } >> "$OUT/results.md"
+  done
+done
+for f in "$BENCH"/decode/bench_decode.{csv,png} "$BENCH"/generate/bench_generate.{csv,png}; do
+  [ -f "$f" ] && cp "$f" "$OUT/"
 done
 rm -rf "$BENCH" "$SITE"
 log ""

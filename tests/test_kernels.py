@@ -378,6 +378,32 @@ def test_decode_attention_kernel_with_outliers(g: int, d: int, hkv: int, mix_k: 
     torch.testing.assert_close(out, decode_attention_ref(**case), atol=ABS_FLOOR, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", [KERNEL_CASES[0], KERNEL_CASES[1], KERNEL_CASES[4], ("outliers",)],
+                         ids=["2bit", "all-widths-ragged", "fp16-register-row-empty", "outliers"])
+def test_select_lookup_equals_table(case: tuple[Any, ...]) -> None:
+    """The ``select`` centroid mode (1-2 bit levels in registers, wider ones from the table) gives the table mode's
+    output bit for bit: it reads the same centroids, and masked lanes only meet zero probabilities."""
+    from spectralkv.kernels.decode_attention import decode_attention
+
+    if case[0] == "outliers":
+        g, d, hkv, mix_k, mix_v, n, window, scales, masks, outliers = OUTLIER_CASES[0]
+        inputs = make_case(g, d, mix_k, mix_v, n, window, hkv=hkv, k_scale=scales[0], v_scale=scales[1],
+                           masks=masks, outliers=outliers)
+        opts: dict[str, Any] = dict(num_splits=3, block_t=16, unpack="gather")
+    else:
+        g, d, mix_k, mix_v, n, window, splits, block_t, masks, dtype, unpack, scales = case
+        inputs = make_case(g, d, mix_k, mix_v, n, window, k_scale=scales[0], v_scale=scales[1], dtype=dtype,
+                           masks=masks, seed=g + d + n)
+        opts = dict(num_splits=splits, block_t=block_t, unpack=unpack)
+    bits = torch.cat([inputs["k"].quantizer.bits.flatten(), inputs["v"].quantizer.bits.flatten()])
+    assert ((bits == 1) | (bits == 2)).any()  # the select path is taken
+    table = decode_attention(**inputs, lookup="table", **opts)
+    select = decode_attention(**inputs, lookup="select", **opts)
+    assert torch.equal(select, table), (select - table).abs().max()
+    with pytest.raises(ValueError, match="lookup"):
+        decode_attention(**inputs, lookup="shared")
+
+
 def test_decode_attention_kernel_without_window_and_empty() -> None:
     from spectralkv.kernels.decode_attention import decode_attention
 
@@ -411,7 +437,7 @@ def test_kernels_compile_for_h100() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.split("\n")
-    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 5, out.stdout  # 3 stage-1
+    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 6, out.stdout  # 4 stage-1
     assert all(line.split()[-1] in ("0", "None") for line in lines if line), out.stdout
 
 
