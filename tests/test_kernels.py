@@ -441,6 +441,40 @@ def test_kernels_compile_for_h100() -> None:
     assert all(line.split()[-1] in ("0", "None") for line in lines if line), out.stdout
 
 
+def test_ops_are_opaque_to_torch_export() -> None:
+    """``torch.export`` (what torch.compile and CUDA-graph capture build on) records each kernel as one
+    ``spectralkv::`` op instead of tracing into the launcher, once a quantizer's tables exist (built on first use,
+    they read tensor values on the host). Fake tensors only, so no GPU is needed; without TRITON_INTERPRET, whose
+    kernels run eagerly even under fake tensors."""
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_kernels import make_case\n"
+        "from spectralkv.kernels.decode_attention import decode_attention\n"
+        "from spectralkv.kernels.encode import spectral_encode\n"
+        "from spectralkv.kernels.layout import tables_for\n"
+        "case = make_case(2, 64, '3bit', '2bit', 40, 5)\n"
+        "k, v = case['k'], case['v']\n"
+        "tables_for(k.quantizer, 'cpu'), tables_for(v.quantizer, 'cpu')\n"
+        "class Decode(torch.nn.Module):\n"
+        "    def forward(self, q, kf, vf):\n"
+        "        return decode_attention(q, k, v, kf, vf, num_splits=2, block_t=16)\n"
+        "class Encode(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return spectral_encode(k.quantizer, x)\n"
+        "for m, args in ((Decode(), (case['q'], case['k_fp'], case['v_fp'])), (Encode(), (case['k_fp'],))):\n"
+        "    ep = torch.export.export(m, args)\n"
+        "    print([str(n.target) for n in ep.graph.nodes if n.op == 'call_function'])\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    decode_ops, encode_ops = out.stdout.strip().splitlines()
+    assert decode_ops == "['spectralkv.decode_attention_packed.default']", out.stdout
+    assert encode_ops.startswith("['spectralkv.encode_packed.default'"), out.stdout
+
+
 # -- integration ------------------------------------------------------------------------------------------------------
 def test_import_does_not_load_triton() -> None:
     """Importing spectralkv (fused integration included) loads no kernel module and, by itself, not Triton.
