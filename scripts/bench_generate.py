@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="spectralkv budgets, bits per coordinate (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--window", type=int, default=None, help="recent tokens kept in full precision by spectralkv")
+    p.add_argument("--flush-blocks", nargs="+", type=int, default=[1],
+                   help="spectralkv runs per flush block: tokens leaving the window compressed together, so the\n"
+                        "write kernel runs every N decode steps instead of every step (default: %(default)s)")
     p.add_argument("--sinks", type=int, default=None, help="leading tokens kept in full precision by spectralkv")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (e.g. a quick GPU check)")
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
@@ -118,10 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--new-tokens must be >= 2 (decode speed is measured after the first token), got {args.new_tokens}")
     if args.search_new_tokens < 2:
         p.error(f"--search-new-tokens must be >= 2, got {args.search_new_tokens}")
-    for name in ("batches", "bits"):
+    for name in ("batches", "bits", "flush_blocks"):
         bad = [v for v in getattr(args, name) if v <= 0]
         if bad:
-            p.error(f"--{name} must be positive, got {bad}")
+            p.error(f"--{name.replace('_', '-')} must be positive, got {bad}")
     for name in ("window", "sinks", "warmup_tokens", "prefill_chunk"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -216,7 +219,7 @@ FILL_CHUNK = 4096  # tokens per layer written at once by the synthetic fill (bou
 
 
 def filled_cache(model: torch.nn.Module, method: str, batch: int, tokens: int, capacity: int, cfg: Any,
-                 args: argparse.Namespace) -> Any:
+                 args: argparse.Namespace, flush_block: int = 1) -> Any:
     """The cache ``method`` would hold after a prefill of ``tokens`` tokens, filled with random keys and values
     (``capacity``: the most tokens it will hold, what a static cache preallocates).
 
@@ -236,7 +239,7 @@ def filled_cache(model: torch.nn.Module, method: str, batch: int, tokens: int, c
     elif method == "fp16-static":
         cache = StaticCache(config=c, max_cache_len=capacity)
     else:
-        cache = FusedSpectralKVCache(model, cfg, window=args.window, sink_tokens=args.sinks)
+        cache = FusedSpectralKVCache(model, cfg, window=args.window, sink_tokens=args.sinks, flush_block=flush_block)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     step = tokens if method == "fp16-dynamic" else FILL_CHUNK
     for i in range(c.num_hidden_layers):
@@ -374,8 +377,8 @@ class Runner:
                                                             self.args.seed)
         return self.calibrations[bits]
 
-    def run(self, method: str, bits: float | None, batch: int, new_tokens: int, fill: bool = False
-            ) -> dict[str, Any]:
+    def run(self, method: str, bits: float | None, batch: int, new_tokens: int, fill: bool = False,
+            flush_block: int = 1) -> dict[str, Any]:
         """One ``generate`` at ``--context``; ``fill``: from a synthetically filled cache (no prefill, no warm-up:
         the batch search asks what fits, not how fast)."""
         from spectralkv import attach, detach
@@ -384,13 +387,13 @@ class Runner:
         args = self.args
         cfg = self.calibration(bits) if method == "spectralkv" else None
         if cfg is not None:
-            attach(self.model, cfg, fused=True, window=args.window, sink_tokens=args.sinks)
+            attach(self.model, cfg, fused=True, window=args.window, sink_tokens=args.sinks, flush_block=flush_block)
         try:
-            key = (method, bits, batch)
+            key = (method, bits, batch, flush_block)
             if fill:
                 # the prompt's last token and all but the last generated one join it, as after a real prefill
                 cache = filled_cache(self.model, method, batch, args.context - 1, args.context + new_tokens - 1,
-                                     cfg, args)
+                                     cfg, args, flush_block)
                 row = generate_once(self.model, method, batch, args.context, new_tokens, args, cache=cache)
                 del cache
                 row["note"] = "cache filled with random tokens (no prefill)"
@@ -406,6 +409,7 @@ class Runner:
         finally:
             detach(self.model)
         row["bits"] = bits if bits is not None else float(torch.finfo(getattr(torch, args.dtype)).bits)
+        row["flush_block"] = flush_block
         return row
 
 
@@ -474,7 +478,7 @@ def check_targets(rows: list[dict[str, Any]], target: float = TARGET_SPEEDUP) ->
             value = r[column]
             status = ("PASS" if value >= target else "FAIL") if is_finite(value) else "NOT MEASURED"
             out.append(dict(batch=r["batch"], context=r["context"], bits=r["bits"], against=against, value=value,
-                            threshold=target, status=status))
+                            threshold=target, status=status, flush_block=int(r.get("flush_block") or 1)))
     if not skv:
         out.append(dict(batch=None, context=None, bits=None, against="fp16", value=float("nan"), threshold=target,
                         status="NOT MEASURED"))
@@ -484,7 +488,8 @@ def check_targets(rows: list[dict[str, Any]], target: float = TARGET_SPEEDUP) ->
 def format_targets(results: Sequence[dict[str, Any]]) -> list[str]:
     lines = []
     for r in results:
-        where = "" if r["batch"] is None else f" (batch {r['batch']}, ctx {r['context']}, {r['bits']:g} bit)"
+        flush = f", flush {r['flush_block']}" if r.get("flush_block", 1) > 1 else ""
+        where = "" if r["batch"] is None else f" (batch {r['batch']}, ctx {r['context']}, {r['bits']:g} bit{flush})"
         value = f"{r['value']:.2f}x" if is_finite(r["value"]) else "n/a"
         lines.append(f"{r['status']:12s} decode speedup vs {r['against']}{where}: {value} "
                      f"(target >= {r['threshold']:g}x)")
@@ -495,7 +500,10 @@ def format_targets(results: Sequence[dict[str, Any]]) -> list[str]:
 # Reports
 # ---------------------------------------------------------------------------------------------------------------
 def _label(r: dict[str, Any]) -> str:
-    return f"spectralkv {r['bits']:g} bit" if r["method"] == "spectralkv" else r["method"]
+    if r["method"] != "spectralkv":
+        return r["method"]
+    flush = int(r.get("flush_block") or 1)
+    return f"spectralkv {r['bits']:g} bit" + (f", flush {flush}" if flush > 1 else "")
 
 
 def _note(r: dict[str, Any]) -> str:
@@ -578,7 +586,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _print_row(r: dict[str, Any], device: str) -> None:
-    print(f"{_label(r):22s} batch={r['batch']:<4d} ctx={r['context']:<7d} prefill {r['prefill_s']:8.2f} s  "
+    print(f"{_label(r):30s} batch={r['batch']:<4d} ctx={r['context']:<7d} prefill {r['prefill_s']:8.2f} s  "
           f"decode {r['decode_tok_s']:10.1f} tok/s  peak {fmt(r['peak_mem_gb'], '.1f')} GB  "
           f"KV {r['cache_bytes'] / 1e6:.2f} MB  {_note(r)}", flush=True)
     if r.get("fused_backend") == "torch reference" and device == "cuda":
@@ -590,14 +598,14 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every throughput run, then (with ``--find-max-batch``) the batch search: the rows of the report."""
     model = build_model(args)
     runner = Runner(model, args)
-    cases = [(m, None) for m in FP16_METHODS if m in args.methods]
-    cases += [("spectralkv", b) for b in args.bits if "spectralkv" in args.methods]
+    cases = [(m, None, 1) for m in FP16_METHODS if m in args.methods]
+    cases += [("spectralkv", b, f) for b in args.bits for f in args.flush_blocks if "spectralkv" in args.methods]
     rows: list[dict[str, Any]] = []
     for batch in [] if args.search_only else args.batches:
-        for method, bits in cases:
+        for method, bits, flush in cases:
             row = None
             try:
-                row = runner.run(method, bits, batch, args.new_tokens)
+                row = runner.run(method, bits, batch, args.new_tokens, flush_block=flush)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -606,21 +614,22 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 nan = float("nan")
                 row = dict(method=method, bits=bits if bits is not None else 16.0, batch=batch, context=args.context,
                            new_tokens=0, prefill_s=nan, decode_s=nan, decode_tok_s=nan, prefill_tok_s=nan,
-                           peak_mem_gb=nan, cache_bytes=0, cache_type="", note="out of memory")
+                           peak_mem_gb=nan, cache_bytes=0, cache_type="", flush_block=flush, note="out of memory")
             row.update(mode="throughput", max_batch="")
             row.setdefault("note", "")
             rows.append(row)
             _print_row(row, args.device)
     if args.find_max_batch:
-        for method, bits in cases:
+        # memory does not depend on the flush block (a few window tokens): one search per method and budget
+        for method, bits, flush in [c for c in cases if c[0] != "spectralkv" or c[2] == args.flush_blocks[0]]:
             last: dict[int, dict[str, Any]] = {}
 
-            def fits(batch: int, method: str = method, bits: float | None = bits,
+            def fits(batch: int, method: str = method, bits: float | None = bits, flush: int = flush,
                      last: dict[int, dict[str, Any]] = last) -> bool:
                 oom = False
                 try:
                     last[batch] = runner.run(method, bits, batch, args.search_new_tokens,
-                                             fill=args.search_fill == "synthetic")
+                                             fill=args.search_fill == "synthetic", flush_block=flush)
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
@@ -637,7 +646,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                        context=args.context, mode="max_batch", max_batch=best, note="; ".join(n for n in notes if n))
             row.setdefault("decode_tok_s", float("nan"))
             rows.append(row)
-            print(f"{_label(row):22s} largest batch at ctx {args.context}: {best}{' (limit)' if at_limit else ''}",
+            print(f"{_label(row):30s} largest batch at ctx {args.context}: {best}{' (limit)' if at_limit else ''}",
                   flush=True)
     return rows
 

@@ -91,18 +91,19 @@ for s in "${stages[@]}"; do
     tests)  # the kernel tests, compiled on the GPU (tests/test_kernels.py moves its cases to CUDA)
       run_stage tests 120 "$PY" -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_kernels.py ;;
     decode)  # per-layer decode attention, Llama-3.1-8B shapes (the README's first benchmark line)
-      run_stage decode 170 "$PY" scripts/bench_decode.py --contexts 1k 8k 32k 128k --batches 1 4 16 \
+      run_stage decode 160 "$PY" scripts/bench_decode.py --contexts 1k 8k 32k 128k --batches 1 4 16 \
         --bits 2 2.5 3 4 --out "$BENCH/decode" ;;
     outliers)  # the same kernel reading exact outliers at SmolLM2's default share
       run_stage outliers 50 "$PY" scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2.5 4 \
         --outlier-fraction 0.0057 --out "$BENCH/outliers" ;;
     modes)  # the kernel's other byte-read and centroid modes at 32k (the decode stage used gather + table)
-      run_stage modes 80 bash -c "'$PY' scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2 2.5 4 \
+      run_stage modes 70 bash -c "'$PY' scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2 2.5 4 \
         --methods spectralkv --unpack register --out '$BENCH/register' && '$PY' scripts/bench_decode.py \
         --contexts 32k --batches 1 16 --bits 2 2.5 4 --methods spectralkv --lookup select --out '$BENCH/select'" ;;
-    generate)  # end-to-end generate at batch 8 x 32k on an 8B-shaped random model
-      run_stage generate 140 "$PY" scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128 \
-        --out "$BENCH/generate" ;;
+    generate)  # end-to-end generate at batch 8 x 32k on an 8B-shaped random model; flush block 32 writes the
+      # store once every 32 steps (64 write-kernel launches per step fewer on 32 layers): does host overhead matter?
+      run_stage generate 170 "$PY" scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128 \
+        --flush-blocks 1 32 --out "$BENCH/generate" ;;
     maxbatch)  # the largest batch whose cache and decode steps fit at 32k, per method (caches filled synthetically)
       run_stage maxbatch 420 "$PY" scripts/bench_generate.py --context 32k --find-max-batch --search-only \
         --search-start 8 --out "$BENCH/maxbatch" ;;

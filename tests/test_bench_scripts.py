@@ -100,6 +100,7 @@ def test_generate_parses(gen: ModuleType, capsys: pytest.CaptureFixture[str]) ->
     assert (full.device, full.context, full.batches, full.new_tokens, full.dtype) == ("cuda", 32768, [8], 128,
                                                                                      "float16")
     assert full.methods == ["fp16-dynamic", "fp16-static", "spectralkv"] and full.bits == [2.5, 4.0]
+    assert full.flush_blocks == [1] and full.search_fill == "synthetic" and not full.search_only
     assert gen.model_shape(full) == gen.LLAMA_8B and gen.LLAMA_8B["num_hidden_layers"] == 32
     tiny = gen.parse_args(["--device", "cpu", "--tiny", "--context", "100"])
     assert (tiny.context, tiny.batches, tiny.dtype, tiny.window) == (100, [2], "float32", 8)  # user value kept
@@ -111,6 +112,9 @@ def test_generate_parses(gen: ModuleType, capsys: pytest.CaptureFixture[str]) ->
         ("--batches", "0"): "--batches must be positive",
         ("--prefill-chunk", "-1"): "--prefill-chunk must be >= 0",
         ("--context", "huge"): "not a size",
+        ("--flush-blocks", "1", "0"): "--flush-blocks must be positive",
+        ("--search-start", "0"): "--search-start must be >= 1",
+        ("--search-only",): "--search-only needs --find-max-batch",
     }
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as e:
@@ -403,12 +407,14 @@ def test_generate_tiny_cpu_end_to_end(gen: ModuleType, tmp_path: Path, monkeypat
     monkeypatch.setattr(fused.DecodeSnapshot, "attend", attend)
     out = tmp_path / "res"
     threads = torch.get_num_threads()
-    assert gen.main(["--device", "cpu", "--tiny", "--bits", "2.5", "--find-max-batch", "--max-batch-limit", "2",
-                     "--out", str(out)]) == 0
+    assert gen.main(["--device", "cpu", "--tiny", "--bits", "2.5", "--flush-blocks", "1", "4", "--find-max-batch",
+                     "--max-batch-limit", "2", "--out", str(out)]) == 0
     assert torch.get_num_threads() == threads  # restored
     with (out / "bench_generate.csv").open() as f:
         rows = list(csv.DictReader(f))
-    thr = {r["method"]: r for r in rows if r["mode"] == "throughput"}
+    flushed = [r for r in rows if r["mode"] == "throughput" and r["flush_block"] == "4"]
+    assert [r["method"] for r in flushed] == ["spectralkv"] and float(flushed[0]["decode_tok_s"]) > 0
+    thr = {r["method"]: r for r in rows if r["mode"] == "throughput" and r["flush_block"] == "1"}
     assert set(thr) == {"fp16-dynamic", "fp16-static", "spectralkv"}
     for r in thr.values():
         assert int(r["batch"]) == 2 and int(r["context"]) == 64 and int(r["new_tokens"]) == 8
@@ -428,6 +434,7 @@ def test_generate_tiny_cpu_end_to_end(gen: ModuleType, tmp_path: Path, monkeypat
     md = (out / "bench_generate.md").read_text()
     assert "python scripts/bench_generate.py --device cpu --tiny" in md and "largest batch that fits" in md
     assert "| spectralkv 2.5 bit | 2 | 64 | 8 |" in md and "decode speedup vs fp16-dynamic" in md
+    assert "| spectralkv 2.5 bit, flush 4 | 2 | 64 | 8 |" in md and "2.5 bit, flush 4)" in md
     assert (out / "bench_generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

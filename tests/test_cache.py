@@ -162,12 +162,14 @@ def test_window_zero_sink_zero_compresses_everything_but_returns_new_exact() -> 
     sink=st.integers(0, 5),
     window=st.integers(0, 9),
     multiple=st.sampled_from([1, 2, 4]),
+    block=st.integers(1, 6),
     steps=st.lists(st.integers(1, 13), min_size=1, max_size=8),
 )
-def test_bookkeeping_with_lossless_store(sink: int, window: int, multiple: int, steps: list[int]) -> None:
+def test_bookkeeping_with_lossless_store(sink: int, window: int, multiple: int, block: int, steps: list[int]) -> None:
     """With a lossless store the layer returns exactly every token ever written, in order; the store only receives
-    multiples of ``flush_multiple`` and the window holds at most ``window + flush_multiple - 1`` tokens."""
-    layer = CompressedLayer(lambda: LosslessStore(multiple), lambda: LosslessStore(multiple), sink, window)
+    multiples of ``flush_multiple`` and the window holds at most ``window + max(flush_multiple, flush_block) - 1``
+    tokens."""
+    layer = CompressedLayer(lambda: LosslessStore(multiple), lambda: LosslessStore(multiple), sink, window, block)
     seen_k, seen_v = [], []
     for i, n in enumerate(steps):
         k, v = kv(1, n, seed=i)
@@ -180,8 +182,33 @@ def test_bookkeeping_with_lossless_store(sink: int, window: int, multiple: int, 
         assert layer.sink_keys.shape[2] == n_sink
         assert len(layer.key_store) % multiple == 0
         assert layer.keys.shape[2] >= min(window, total - n_sink)
-        assert layer.keys.shape[2] <= window + multiple - 1
+        assert layer.keys.shape[2] <= window + max(multiple, block) - 1
         assert n_sink + len(layer.key_store) + layer.keys.shape[2] == total == layer.get_seq_length()
+
+
+def test_flush_block_writes_the_store_once_per_block() -> None:
+    """Decoding with ``flush_block=5`` writes the store every 5th step (5 tokens at once), the window staying within
+    ``window .. window + 4``; the codes are those of compressing each token on its own."""
+    blocked = CompressedLayer(lambda: LosslessStore(), lambda: LosslessStore(), 2, 6, flush_block=5)
+    layer, qk, qv = make_layer(2, 6)
+    spectral = CompressedLayer(lambda: SpectralStore(qk), lambda: SpectralStore(qv), 2, 6, flush_block=5)
+    k, v = kv(2, 40, seed=9)
+    for c in (blocked, layer, spectral):
+        c.update(k[:, :, :20], v[:, :, :20])  # prefill: 12 tokens compressed at once, whatever the block
+    assert blocked.key_store.appends == [12] and blocked.keys.shape[2] == 6
+    for t in range(20, 40):
+        for c in (blocked, layer, spectral):
+            rk, rv = c.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+            assert rk.shape[2] == t + 1
+        step = t - 19
+        assert blocked.key_store.appends == [12] + [5] * (step // 5)
+        assert blocked.keys.shape[2] == 6 + step % 5 and spectral.keys.shape[2] == 6 + step % 5
+        assert torch.equal(blocked.keys, k[:, :, t + 1 - blocked.keys.shape[2] : t + 1])  # the window is exact
+    assert len(spectral.key_store) == len(layer.key_store) == 32  # 20 decode steps: 4 blocks of 5, 0 left over
+    assert torch.equal(spectral.key_store.codes.view(), layer.key_store.codes.view())
+    assert torch.equal(spectral.value_store.codes.view(), layer.value_store.codes.view())
+    with pytest.raises(ValueError, match="flush_block"):
+        CompressedLayer(lambda: LosslessStore(), lambda: LosslessStore(), 2, 6, flush_block=0)
 
 
 def test_long_prefill_is_flushed_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -225,7 +225,17 @@ def test_window_and_sinks_are_validated_at_attach(model: torch.nn.Module, tiny_l
         attach(model, tiny_llama_calibration, window=-1)
     with pytest.raises(ValueError, match="sink_tokens"):
         attach(model, tiny_llama_calibration, sink_tokens=-2)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="flush_block"):
+            attach(model, tiny_llama_calibration, flush_block=bad)
     assert not is_attached(model)
+    attach(model, tiny_llama_calibration, fused=True, flush_block=16)
+    try:
+        from spectralkv.hooks import _hooks_of
+
+        assert [h.new_cache().flush_block for h in _hooks_of(model) if hasattr(h, "new_cache")] == [16]
+    finally:
+        detach(model)
 
 
 def test_not_a_generative_model_is_refused(tiny_llama_calibration: Any, tiny_llama: torch.nn.Module) -> None:

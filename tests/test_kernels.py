@@ -517,10 +517,12 @@ def counted_attend(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+@pytest.mark.parametrize("flush_block", [1, 3], ids=lambda f: f"flush_block={f}")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_generate_matches_unfused(tiny_llama: Any, tiny_llama_calibration: Any, backend: str,
-                                        counted_attend: list[str]) -> None:
-    """Greedy decode, left-padded batch: fused attention (reference or Triton kernels) vs the unfused cache + SDPA."""
+                                        flush_block: int, counted_attend: list[str]) -> None:
+    """Greedy decode, left-padded batch: fused attention (reference or Triton kernels) vs the unfused cache + SDPA;
+    with ``flush_block`` 3 the kernel also sees full-precision windows of varying length."""
     from spectralkv import SpectralKVCache
     from spectralkv.fused import FUSED_ATTENTION, FusedSpectralKVCache, enable_fused
 
@@ -533,9 +535,10 @@ def test_fused_generate_matches_unfused(tiny_llama: Any, tiny_llama_calibration:
         model, ids, mask = copy.deepcopy(model).to(DEV), ids.to(DEV), mask.to(DEV)
     previous = model.config._attn_implementation
     try:
-        want = _generate(model, SpectralKVCache(model, cfg, window=8, sink_tokens=2), previous, ids, mask)
+        want = _generate(model, SpectralKVCache(model, cfg, window=8, sink_tokens=2, flush_block=flush_block),
+                         previous, ids, mask)
         assert enable_fused(model) == previous
-        cache = FusedSpectralKVCache(model, cfg, window=8, sink_tokens=2, backend=backend)
+        cache = FusedSpectralKVCache(model, cfg, window=8, sink_tokens=2, backend=backend, flush_block=flush_block)
         got = _generate(model, cache, FUSED_ATTENTION, ids, mask)
     finally:
         model.set_attn_implementation(previous)

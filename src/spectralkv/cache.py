@@ -132,6 +132,8 @@ class SpectralKVCache(Cache):
         bits: budget in bits per coordinate (default: the calibration's active budget).
         window: recent tokens kept in full precision (default: the calibration's, 32).
         sink_tokens: leading tokens kept in full precision (default: the calibration's, 4).
+        flush_block: tokens leaving the window compressed together, one write every ``flush_block`` decode steps
+            (default 1: every step; see :class:`CompressedLayer`).
 
     Sliding-window layers (Mistral/Gemma-style ``layer_types``) keep their bounded window in full precision with
     transformers' own ``DynamicSlidingWindowLayer``: their memory does not grow with the context.
@@ -145,6 +147,7 @@ class SpectralKVCache(Cache):
         bits: float | None = None,
         window: int | None = None,
         sink_tokens: int | None = None,
+        flush_block: int = 1,
     ) -> None:
         if not isinstance(calibration, SpectralKVConfig):
             calibration = SpectralKVConfig.from_pretrained(calibration)
@@ -156,6 +159,9 @@ class SpectralKVCache(Cache):
         self.sink_tokens = calibration.sink_tokens if sink_tokens is None else int(sink_tokens)
         if self.window < 0 or self.sink_tokens < 0:
             raise ValueError(f"window and sink_tokens must be >= 0, got {self.window} and {self.sink_tokens}.")
+        if isinstance(flush_block, bool) or not isinstance(flush_block, int) or flush_block < 1:
+            raise ValueError(f"flush_block must be an integer >= 1 (tokens compressed together), got {flush_block!r}.")
+        self.flush_block = flush_block
         quantizers = calibration.quantizers()
         layer_types, layer_kwargs = get_layer_types_and_kwargs(_model_config(model))
         compressed = set(calibration.compressed_layers)
@@ -169,7 +175,8 @@ class SpectralKVCache(Cache):
 
     def _compressed_layer(self, qk: SpectralQuantizer, qv: SpectralQuantizer) -> CompressedLayer:
         """The cache layer of one compressed full-attention layer (subclasses return their own kind)."""
-        return CompressedLayer(lambda: SpectralStore(qk), lambda: SpectralStore(qv), self.sink_tokens, self.window)
+        return CompressedLayer(lambda: SpectralStore(qk), lambda: SpectralStore(qv), self.sink_tokens, self.window,
+                               self.flush_block)
 
     def set_left_padding(self, attention_mask: torch.Tensor) -> None:
         """Protect each row's own sinks in a left-padded batch; call before the prefill with its 2-D mask.

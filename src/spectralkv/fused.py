@@ -248,9 +248,9 @@ class FusedCompressedLayer(CompressedLayer):
     """:class:`CompressedLayer` that returns :class:`PackedKV` handles on single-token steps."""
 
     def __init__(self, quantizer_k: SpectralQuantizer, quantizer_v: SpectralQuantizer, sink_tokens: int, window: int,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", flush_block: int = 1) -> None:
         super().__init__(lambda: FusedSpectralStore(quantizer_k, backend),
-                         lambda: FusedSpectralStore(quantizer_v, backend), sink_tokens, window)
+                         lambda: FusedSpectralStore(quantizer_v, backend), sink_tokens, window, flush_block)
         self.backend = backend
 
     def _packed(self, store: FusedSpectralStore, like: torch.Tensor) -> Any:
@@ -295,7 +295,7 @@ class FusedSpectralKVCache(SpectralKVCache):
         super().__init__(model, calibration, **kwargs)
 
     def _compressed_layer(self, qk: Any, qv: Any) -> CompressedLayer:
-        return FusedCompressedLayer(qk, qv, self.sink_tokens, self.window, self.backend)
+        return FusedCompressedLayer(qk, qv, self.sink_tokens, self.window, self.backend, self.flush_block)
 
 
 # ---------------------------------------------------------------------------------------------------------------

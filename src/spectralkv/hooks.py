@@ -24,10 +24,11 @@ class SpectralKVHook(ModelHook):
     """Makes every forward with a cache use a fresh :class:`SpectralKVCache`."""
 
     def __init__(self, model: Any, config: SpectralKVConfig, window: int | None, sink_tokens: int | None,
-                 fused: bool = False) -> None:
+                 fused: bool = False, flush_block: int = 1) -> None:
         self.config = config
         self.window = window
         self.sink_tokens = sink_tokens
+        self.flush_block = flush_block
         self.fused = fused
         self.previous_attn_implementation: str | None = None
         self._model_config = model.config
@@ -37,8 +38,9 @@ class SpectralKVHook(ModelHook):
             from .fused import FusedSpectralKVCache
 
             return FusedSpectralKVCache(self._model_config, self.config, window=self.window,
-                                        sink_tokens=self.sink_tokens)
-        return SpectralKVCache(self._model_config, self.config, window=self.window, sink_tokens=self.sink_tokens)
+                                        sink_tokens=self.sink_tokens, flush_block=self.flush_block)
+        return SpectralKVCache(self._model_config, self.config, window=self.window, sink_tokens=self.sink_tokens,
+                               flush_block=self.flush_block)
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         use_cache = kwargs.get("use_cache")
@@ -78,6 +80,7 @@ def attach(
     window: int | None = None,
     sink_tokens: int | None = None,
     fused: bool = False,
+    flush_block: int = 1,
 ) -> torch.nn.Module:
     """Make ``model`` use a compressed KV cache in every ``generate``/forward with a cache.
 
@@ -85,7 +88,8 @@ def attach(
     first. Attaching again replaces the previous spectralkv hook (other hooks, e.g. ``device_map``, are kept).
     ``fused=True`` also switches the model to the ``"spectralkv_fused"`` attention implementation, so decode steps
     attend straight from the packed codes (Triton on GPU, the PyTorch reference on CPU); detach restores the
-    previous implementation.
+    previous implementation. ``flush_block`` > 1 compresses tokens leaving the window in blocks (see
+    :class:`~spectralkv.layer_base.CompressedLayer`).
     """
     if not isinstance(config, SpectralKVConfig):
         config = SpectralKVConfig.from_pretrained(config)
@@ -96,7 +100,7 @@ def attach(
     config.check_compatible(model)
     if bits is not None:
         config = config.with_bits(bits)
-    hook = SpectralKVHook(model, config, window, sink_tokens, fused)
+    hook = SpectralKVHook(model, config, window, sink_tokens, fused, flush_block)
     hook.new_cache()  # validate window/sinks/budget now, not at the first generate
     detach(model)
     if fused:
