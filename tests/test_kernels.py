@@ -455,7 +455,7 @@ def test_ops_are_opaque_to_torch_export() -> None:
         "from spectralkv.kernels.layout import tables_for\n"
         "case = make_case(2, 64, '3bit', '2bit', 40, 5)\n"
         "k, v = case['k'], case['v']\n"
-        "tables_for(k.quantizer, 'cpu'), tables_for(v.quantizer, 'cpu')\n"
+        "tables_for(k.quantizer, case['q'].device), tables_for(v.quantizer, case['q'].device)\n"
         "class Decode(torch.nn.Module):\n"
         "    def forward(self, q, kf, vf):\n"
         "        return decode_attention(q, k, v, kf, vf, num_splits=2, block_t=16)\n"
