@@ -389,7 +389,6 @@ class Runner:
         if cfg is not None:
             attach(self.model, cfg, fused=True, window=args.window, sink_tokens=args.sinks, flush_block=flush_block)
         try:
-            key = (method, bits, batch, flush_block)
             if fill:
                 # the prompt's last token and all but the last generated one join it, as after a real prefill
                 cache = filled_cache(self.model, method, batch, args.context - 1, args.context + new_tokens - 1,
@@ -397,13 +396,14 @@ class Runner:
                 row = generate_once(self.model, method, batch, args.context, new_tokens, args, cache=cache)
                 del cache
                 row["note"] = "cache filled with random tokens (no prefill)"
-            elif args.warmup_tokens and key not in self.warm:
-                # long enough for two full prefill flush chunks and a ragged one, so the Triton write kernel is
-                # compiled for every token count the real prefill uses, and the timed prefill compiles nothing
-                short = min(args.context, 2 * FLUSH_CHUNK + args.window + args.sinks + 8)
-                generate_once(self.model, method, batch, short, max(2, args.warmup_tokens), args)
-                self.warm.add(key)
-            if not fill:
+            else:
+                key = (method, bits, batch, flush_block)
+                if args.warmup_tokens and key not in self.warm:
+                    # long enough for two full prefill flush chunks and a ragged one, so the Triton write kernel is
+                    # compiled for every token count the real prefill uses, and the timed prefill compiles nothing
+                    short = min(args.context, 2 * FLUSH_CHUNK + args.window + args.sinks + 8)
+                    generate_once(self.model, method, batch, short, max(2, args.warmup_tokens), args)
+                    self.warm.add(key)
                 row = generate_once(self.model, method, batch, args.context, new_tokens, args)
             row["attn_implementation"] = self.model.config._attn_implementation  # as it ran (attached or not)
         finally:

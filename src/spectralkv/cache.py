@@ -159,9 +159,7 @@ class SpectralKVCache(Cache):
         self.sink_tokens = calibration.sink_tokens if sink_tokens is None else int(sink_tokens)
         if self.window < 0 or self.sink_tokens < 0:
             raise ValueError(f"window and sink_tokens must be >= 0, got {self.window} and {self.sink_tokens}.")
-        if isinstance(flush_block, bool) or not isinstance(flush_block, int) or flush_block < 1:
-            raise ValueError(f"flush_block must be an integer >= 1 (tokens compressed together), got {flush_block!r}.")
-        self.flush_block = flush_block
+        self.flush_block = flush_block  # checked by each CompressedLayer
         quantizers = calibration.quantizers()
         layer_types, layer_kwargs = get_layer_types_and_kwargs(_model_config(model))
         compressed = set(calibration.compressed_layers)

@@ -105,8 +105,8 @@ class CompressedLayer(DynamicLayer):
     def __init__(self, key_store: StoreFactory, value_store: StoreFactory, sink_tokens: int, window: int,
                  flush_block: int = 1) -> None:
         super().__init__()
-        if int(flush_block) < 1:
-            raise ValueError(f"flush_block must be >= 1 (tokens compressed together), got {flush_block}.")
+        if isinstance(flush_block, bool) or not isinstance(flush_block, int) or flush_block < 1:
+            raise ValueError(f"flush_block must be an integer >= 1 (tokens compressed together), got {flush_block!r}.")
         self._factories = (key_store, value_store)
         self.sink_tokens = int(sink_tokens)
         self.window = int(window)
