@@ -481,3 +481,18 @@ def test_gpu_check_without_gpu(tmp_path: Path) -> None:
     assert not Path(site).exists()  # the temporary site is removed
     assert "== decode: exit 2" in log and "stages: decode=2" in log
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log"]
+
+
+def test_count_dispatches_counts_launches_and_custom_ops_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """The host-work counter behind docs/experiments.md: views are not launches; the script prints one row per cache,
+    and the fused cache costs more launches than ``DynamicCache`` (the custom ops' own internals are not counted)."""
+    counting = _load("count_dispatches")
+    x = torch.randn(4, 4)
+    counter = counting.Counter()
+    with counter:
+        torch.cat([x, x]).view(-1)
+        x.t()
+    assert (counter.total, counter.launching) == (3, 1)
+    assert counting.main(["--steps", "3", "--backend", "torch"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 4 and all(float(r.split("|")[-2]) > 0 for r in rows[2:]), rows

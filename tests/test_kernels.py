@@ -517,12 +517,14 @@ def counted_attend(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("flush_block", [1, 3], ids=lambda f: f"flush_block={f}")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_generate_matches_unfused(tiny_llama: Any, tiny_llama_calibration: Any, backend: str,
-                                        flush_block: int, counted_attend: list[str]) -> None:
-    """Greedy decode, left-padded batch: fused attention (reference or Triton kernels) vs the unfused cache + SDPA;
-    with ``flush_block`` 3 the kernel also sees full-precision windows of varying length."""
+                                        flush_block: int, padded: bool, counted_attend: list[str]) -> None:
+    """Greedy decode: fused attention (reference or Triton kernels) vs the unfused cache + SDPA; with ``flush_block``
+    3 the kernel also sees full-precision windows of varying length. The left-padded batch takes the general ingest
+    path, the unpadded one the decode fast path (window kept as a view of the kernel's tensors)."""
     from spectralkv import SpectralKVCache
     from spectralkv.fused import FUSED_ATTENTION, FusedSpectralKVCache, enable_fused
 
@@ -530,7 +532,8 @@ def test_fused_generate_matches_unfused(tiny_llama: Any, tiny_llama_calibration:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 256, (2, 28), generator=gen)
     mask = torch.ones_like(ids)
-    mask[1, :9] = 0  # left padding reaching past the sinks into the compressed tokens
+    if padded:
+        mask[1, :9] = 0  # left padding reaching past the sinks into the compressed tokens
     if DEV.type == "cuda":  # compiled kernels need the model on the GPU (a copy: the fixture is shared)
         model, ids, mask = copy.deepcopy(model).to(DEV), ids.to(DEV), mask.to(DEV)
     previous = model.config._attn_implementation
@@ -547,6 +550,43 @@ def test_fused_generate_matches_unfused(tiny_llama: Any, tiny_llama_calibration:
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.logits, want.logits, strict=True)):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def test_decode_step_keeps_the_window_as_a_view() -> None:
+    """Steady-state fused decode step: two concatenations (the kernel's full-precision keys and values) and no
+    window copy; the window afterwards is the tail of those tensors, and the same tokens as the general path keeps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from spectralkv.fused import FusedCompressedLayer
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    qk, qv = make_quantizer(2, 16, "2bit", seed=0), make_quantizer(2, 16, "2bit", seed=1)
+    fast = FusedCompressedLayer(qk, qv, sink_tokens=1, window=4, backend="torch")
+    general = FusedCompressedLayer(qk, qv, sink_tokens=1, window=4, backend="torch")
+    gen = torch.Generator().manual_seed(0)
+    prefill = torch.randn(1, 2, 10, 16, generator=gen), torch.randn(1, 2, 10, 16, generator=gen)
+    fast.update(*prefill)
+    general.update(*prefill)
+    for step in range(3):
+        k, v = torch.randn(1, 2, 1, 16, generator=gen), torch.randn(1, 2, 1, 16, generator=gen)
+        counter = Count()
+        with counter:
+            hk, _ = fast.update(k, v)
+        general.ingest(k, v)
+        assert counter.ops.count("cat") == 2, counter.ops
+        assert "clone" not in counter.ops, counter.ops
+        assert fast.keys.untyped_storage().data_ptr() == hk.snapshot.k_fp.untyped_storage().data_ptr()
+        assert torch.equal(fast.keys, general.keys) and torch.equal(fast.values, general.values), step
+        assert torch.equal(fast.key_store.codes.view(), general.key_store.codes.view())
+        assert fast.get_seq_length() == general.get_seq_length() == 11 + step
 
 
 def test_handles_survive_other_attention(tiny_llama: Any, tiny_llama_calibration: Any) -> None:

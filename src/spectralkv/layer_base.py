@@ -186,8 +186,14 @@ class CompressedLayer(DynamicLayer):
             self._requantize_padded_sinks()
 
     def _push_recent(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys = torch.cat([self.keys, k], dim=2)
-        self.values = torch.cat([self.values, v], dim=2)
+        self._set_recent(torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2))
+
+    def _set_recent(self, keys: torch.Tensor, values: torch.Tensor, compact: bool = True) -> None:
+        """Make ``keys``/``values`` (old window + new tokens) the window, flushing its overflow into the stores.
+
+        ``compact=False`` keeps the remaining window as a view of ``keys``/``values`` (no copy): only for callers whose
+        tensors are small (a decode step's sinks + window + new token), since the view keeps all of them alive."""
+        self.keys, self.values = keys, values
         multiple = max(self.key_store.flush_multiple, self.value_store.flush_multiple)
         excess = self.keys.shape[2] - self.window
         if excess < self.flush_block:
@@ -200,8 +206,10 @@ class CompressedLayer(DynamicLayer):
             stop = min(overflow, start + chunk)
             self.key_store.append(self.keys[:, :, start:stop])
             self.value_store.append(self.values[:, :, start:stop])
-        self.keys = self.keys[:, :, overflow:].contiguous()
-        self.values = self.values[:, :, overflow:].contiguous()
+        self.keys = self.keys[:, :, overflow:]
+        self.values = self.values[:, :, overflow:]
+        if compact:
+            self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
 
     def _requantize_padded_sinks(self) -> None:
         """Round-trip the extra sink positions of less-padded rows that have left the recent window."""
