@@ -523,8 +523,8 @@ def counted_attend(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_fused_generate_matches_unfused(tiny_llama: Any, tiny_llama_calibration: Any, backend: str,
                                         flush_block: int, padded: bool, counted_attend: list[str]) -> None:
     """Greedy decode: fused attention (reference or Triton kernels) vs the unfused cache + SDPA; with ``flush_block``
-    3 the kernel also sees full-precision windows of varying length. The left-padded batch takes the general ingest
-    path, the unpadded one the decode fast path (window kept as a view of the kernel's tensors)."""
+    3 the kernel also sees full-precision windows of varying length. Padded and unpadded: the window is kept as a view
+    of the kernel's tensors in both, next to the padded rows' sink round trips."""
     from spectralkv import SpectralKVCache
     from spectralkv.fused import FUSED_ATTENTION, FusedSpectralKVCache, enable_fused
 

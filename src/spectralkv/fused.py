@@ -278,13 +278,8 @@ class FusedCompressedLayer(CompressedLayer):
             n_sinks=n_sinks,
             backend=self.backend,
         )
-        if self.left_padding is None and n_sinks >= self.sink_tokens:
-            # Steady state: the window after this step is a view of the tensors just built for the kernel (their
-            # tail), so the step costs two concatenations instead of four plus two window copies.
-            self.cumulative_length += 1
-            self._set_recent(snapshot.k_fp[:, :, n_sinks:], snapshot.v_fp[:, :, n_sinks:], compact=False)
-        else:
-            self._ingest(key_states, value_states)
+        # the window after this step is the tail of the tensors just built for the kernel (no second concatenation)
+        self._ingest(key_states, value_states, (snapshot.k_fp[:, :, n_sinks:], snapshot.v_fp[:, :, n_sinks:]))
         return PackedKV(snapshot, "k"), PackedKV(snapshot, "v")
 
 

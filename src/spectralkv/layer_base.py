@@ -172,7 +172,10 @@ class CompressedLayer(DynamicLayer):
         pad = 0 if self.left_padding is None else int(self.left_padding.max())
         return self.sink_tokens + pad
 
-    def _ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _ingest(self, k: torch.Tensor, v: torch.Tensor,
+                joined: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Store new tokens. ``joined``: the current window followed by ``k``/``v``, when the caller has built it
+        anyway (a decode step's kernel tensors); its view then becomes the window, saving a concatenation and a copy."""
         n = k.shape[2]
         self.cumulative_length += n
         room = max(0, self._sink_length - self.sink_keys.shape[2])
@@ -180,7 +183,10 @@ class CompressedLayer(DynamicLayer):
             self.sink_keys = torch.cat([self.sink_keys, k[:, :, :room]], dim=2)
             self.sink_values = torch.cat([self.sink_values, v[:, :, :room]], dim=2)
             k, v = k[:, :, room:], v[:, :, room:]
-        if k.shape[2] > 0:
+            joined = None  # some of the new tokens became sinks: not what ``joined`` holds
+        if joined is not None:
+            self._set_recent(*joined, compact=False)
+        elif k.shape[2] > 0:
             self._push_recent(k, v)
         if self.left_padding is not None:
             self._requantize_padded_sinks()
