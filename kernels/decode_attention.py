@@ -130,6 +130,7 @@ def _stage1_kernel(
     k_nb_ptr, k_bi_ptr, k_sh_ptr, k_hoff_ptr, k_hb_ptr, k_tab_ptr,  # key tables ([Hkv, D] x3, [Hkv] x2, [9, 256])
     v_nb_ptr, v_bi_ptr, v_sh_ptr, v_hoff_ptr, v_hb_ptr, v_tab_ptr,
     cm_ptr, scm_b, scm_t,  # compressed-token mask [B, N] (nonzero = attend), read when HAS_COMP_MASK
+    cl_ptr, scl_b,  # compressed-token count per sequence [B] int (rows past it are skipped), read when HAS_LENGTHS
     kf_ptr, skf_b, skf_h, skf_t, skf_d,  # full-precision keys [B, Hkv, W, D] (model dtype)
     vf_ptr, svf_b, svf_h, svf_t, svf_d,
     fm_ptr, sfm_b, sfm_t,  # full-precision mask [B, W], read when HAS_FP_MASK
@@ -143,6 +144,7 @@ def _stage1_kernel(
     V_OUT: tl.constexpr,
     HAS_COMP_MASK: tl.constexpr,
     HAS_FP_MASK: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
     UNPACK: tl.constexpr,
     LOOKUP: tl.constexpr,
     TABLE_STRIDE: tl.constexpr,
@@ -184,6 +186,8 @@ def _stage1_kernel(
         v_hb = tl.load(v_hb_ptr + h)
         start = s * split_len
         end = tl.minimum(start + split_len, N)
+        if HAS_LENGTHS:  # a preallocated (static) buffer: only its first rows hold tokens; later tiles are not read
+            end = tl.minimum(end, tl.load(cl_ptr + b * scl_b).to(tl.int32))
         for t0 in range(start, end, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             tmask = offs_t < end
@@ -399,6 +403,7 @@ def _decode_attention_launch(
     k_fp: torch.Tensor | None,
     v_fp: torch.Tensor | None,
     comp_mask: torch.Tensor | None,
+    comp_lengths: torch.Tensor | None,
     fp_mask: torch.Tensor | None,
     scaling: float,
     num_splits: int,
@@ -446,6 +451,7 @@ def _decode_attention_launch(
             k_nbits, k_byte_index, k_shift, k_head_offset, k_head_bytes, k_centroids,
             v_nbits, v_byte_index, v_shift, v_head_offset, v_head_bytes, v_centroids,
             cm if cm is not None else k_codes, *_strides(cm, 2),
+            comp_lengths if comp_lengths is not None else k_codes, *_strides(comp_lengths, 1),
             kf, *(kf.stride() if has_window else (0,) * 4),
             vf, *(vf.stride() if has_window else (0,) * 4),
             fm if fm is not None else k_codes, *_strides(fm, 2),
@@ -459,6 +465,7 @@ def _decode_attention_launch(
             V_OUT=v_out_counts is not None,
             HAS_COMP_MASK=cm is not None,
             HAS_FP_MASK=fm is not None,
+            HAS_LENGTHS=comp_lengths is not None,
             UNPACK=unpack,
             LOOKUP=lookup,
             TABLE_STRIDE=TABLE_COLS,
@@ -507,6 +514,7 @@ def decode_attention_launch(
     *,
     k_outliers: Outliers | None = None,
     v_outliers: Outliers | None = None,
+    comp_lengths: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_t: int = 32,
     unpack: str = "gather",
@@ -537,7 +545,7 @@ def decode_attention_launch(
         kt.decoder_mean, kt.max_head_bytes, *_side_outliers(k_outliers),
         v_codes, v_scales, vt.nbits, vt.byte_index, vt.shift, vt.head_offset, vt.head_bytes, vt.centroids,
         vt.decoder, vt.mean, vt.max_head_bytes, *_side_outliers(v_outliers),
-        k_fp, v_fp, comp_mask, fp_mask, float(scaling), max(1, int(num_splits)), int(block_t), unpack,
+        k_fp, v_fp, comp_mask, comp_lengths, fp_mask, float(scaling), max(1, int(num_splits)), int(block_t), unpack,
         lookup, int(num_warps),
     )
 
@@ -552,6 +560,7 @@ def decode_attention(
     fp_mask: torch.Tensor | None = None,
     scaling: float | None = None,
     *,
+    comp_lengths: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_t: int = 32,
     unpack: str = "gather",
@@ -560,16 +569,19 @@ def decode_attention(
 ) -> torch.Tensor:
     """Triton version of :func:`spectralkv.kernels.ref.decode_attention_ref` (same arguments and result).
 
-    Extra keywords: ``num_splits`` (compressed-token splits per sequence and KV head; default from the SM count),
-    ``block_t`` (tokens per tile, a power of two >= 16), ``unpack`` (``"gather"`` or ``"register"``) and ``lookup``
-    (``"table"`` or ``"select"``), see the module docstring, ``num_warps`` (per program; untuned: at head_dim 128
-    stage 1 compiles to ~250 registers per thread with 4 warps and no spills, see :mod:`spectralkv.kernels.aot`).
+    Extra keywords: ``comp_lengths`` (as in the reference; tiles past a sequence's count are never read, so a
+    preallocated buffer costs only the rows in use), ``num_splits`` (compressed-token splits per sequence and KV
+    head; default from the SM count), ``block_t`` (tokens per tile, a power of two >= 16), ``unpack``
+    (``"gather"`` or ``"register"``) and ``lookup`` (``"table"`` or ``"select"``), see the module docstring,
+    ``num_warps`` (per program; untuned: at head_dim 128 stage 1 compiles to ~250 registers per thread with 4 warps
+    and no spills, see :mod:`spectralkv.kernels.aot`).
     """
     _, _, _, d = _check(q, k, v, k_fp, v_fp)
     scaling = d**-0.5 if scaling is None else float(scaling)
     kt, vt = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
     return decode_attention_launch(q, kt, k.codes, k.scales, vt, v.codes, v.scales, k_fp, v_fp, comp_mask, fp_mask,
-                                   scaling, k_outliers=k.outliers, v_outliers=v.outliers, num_splits=num_splits,
+                                   scaling, k_outliers=k.outliers, v_outliers=v.outliers, comp_lengths=comp_lengths,
+                                   num_splits=num_splits,
                                    block_t=block_t, unpack=unpack, lookup=lookup, num_warps=num_warps)
 
 

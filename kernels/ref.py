@@ -104,6 +104,8 @@ def decode_attention_ref(
     comp_mask: torch.Tensor | None = None,
     fp_mask: torch.Tensor | None = None,
     scaling: float | None = None,
+    *,
+    comp_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of attention over compressed and full-precision tokens.
 
@@ -114,6 +116,8 @@ def decode_attention_ref(
         comp_mask: ``[B, N]`` bool, True where a compressed token may be attended (None: all).
         fp_mask: ``[B, W]`` bool, the same for the full-precision tokens.
         scaling: softmax scale (default ``D ** -0.5``).
+        comp_lengths: ``[B]`` integer count of compressed rows in use per sequence (None: all ``N``): for
+            preallocated buffers, whose rows past the count hold nothing yet.
 
     Returns ``[B, Hq, D]`` in ``q.dtype``.
     """
@@ -129,6 +133,9 @@ def decode_attention_ref(
         zk = decode_rotated_ref(tk, k.codes, k.scales, k.outliers)  # [B, Hkv, N, D]
         sc = torch.einsum("bhge,bhne->bhgn", q_rot, zk) + torch.einsum("bhgd,hd->bhg", qf, tk.mean)[..., None]
         sc = sc * scaling
+        if comp_lengths is not None:
+            in_use = torch.arange(n, device=q.device) < comp_lengths.to(q.device).reshape(b, 1)
+            comp_mask = in_use if comp_mask is None else in_use & comp_mask.bool()
         if comp_mask is not None:
             sc = sc.masked_fill(~comp_mask[:, None, None, :].bool(), float("-inf"))
         scores.append(sc)

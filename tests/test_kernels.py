@@ -404,6 +404,34 @@ def test_select_lookup_equals_table(case: tuple[Any, ...]) -> None:
         decode_attention(**inputs, lookup="shared")
 
 
+@pytest.mark.parametrize("masks", ["none", "holes"])
+@pytest.mark.parametrize("lengths", [(70, 23), (0, 41), (70, 70)], ids=str)
+def test_comp_lengths_read_only_rows_in_use(lengths: tuple[int, int], masks: str) -> None:
+    """``comp_lengths`` (a preallocated buffer's rows in use): the reference equals attention over each sequence's
+    rows cut to its count, and the kernel (3 splits, so whole splits lie past a count) equals the reference; rows past
+    the count are garbage here, so reading any of them would show."""
+    from spectralkv.kernels.decode_attention import decode_attention
+
+    case = make_case(4, 64, "2.5bit", "3bit", 70, 5, masks=masks, seed=11)
+    lens = torch.tensor(lengths, device=DEV)
+    garbage = {side: PackedSide(p.quantizer, p.codes.clone(), p.scales.clone()) for side in ("k", "v")
+               for p in [case[side]]}
+    for side in ("k", "v"):
+        for row, n in enumerate(lengths):
+            garbage[side].codes[row, n:] = 255
+            garbage[side].scales[row, n:] = 1e4
+    ref = decode_attention_ref(**{**case, **garbage}, comp_lengths=lens)
+    for row, n in enumerate(lengths):
+        cut = {side: PackedSide(case[side].quantizer, case[side].codes[row : row + 1, :n],
+                                case[side].scales[row : row + 1, :n]) for side in ("k", "v")}
+        one = {key: None if t is None else t[row : row + 1] for key, t in case.items() if key not in ("k", "v")}
+        if one["comp_mask"] is not None:
+            one["comp_mask"] = one["comp_mask"][:, :n]
+        torch.testing.assert_close(ref[row : row + 1], decode_attention_ref(**one, **cut), atol=1e-5, rtol=1e-5)
+    out = decode_attention(**{**case, **garbage}, comp_lengths=lens, num_splits=3, block_t=16)
+    torch.testing.assert_close(out, ref, atol=ABS_FLOOR, rtol=1e-4)
+
+
 def test_decode_attention_kernel_without_window_and_empty() -> None:
     from spectralkv.kernels.decode_attention import decode_attention
 
@@ -437,7 +465,7 @@ def test_kernels_compile_for_h100() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.split("\n")
-    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 6, out.stdout  # 4 stage-1
+    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 7, out.stdout  # 5 stage-1
     assert all(line.split()[-1] in ("0", "None") for line in lines if line), out.stdout
 
 
