@@ -106,6 +106,7 @@ def decode_attention_ref(
     scaling: float | None = None,
     *,
     comp_lengths: torch.Tensor | None = None,
+    tables: tuple[SpectralTables, SpectralTables] | None = None,
 ) -> torch.Tensor:
     """One decode step of attention over compressed and full-precision tokens.
 
@@ -118,6 +119,8 @@ def decode_attention_ref(
         scaling: softmax scale (default ``D ** -0.5``).
         comp_lengths: ``[B]`` integer count of compressed rows in use per sequence (None: all ``N``): for
             preallocated buffers, whose rows past the count hold nothing yet.
+        tables: the key and value quantizers' tables on ``q``'s device, when the caller holds them (a compiled
+            step then never looks them up).
 
     Returns ``[B, Hq, D]`` in ``q.dtype``.
     """
@@ -128,7 +131,9 @@ def decode_attention_ref(
     scores = []
     n = k.length
     if n:
-        tk, tv = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
+        if tables is None:
+            tables = (tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device))
+        tk, tv = tables
         q_rot = torch.einsum("bhgd,hed->bhge", qf, tk.decoder)
         zk = decode_rotated_ref(tk, k.codes, k.scales, k.outliers)  # [B, Hkv, N, D]
         sc = torch.einsum("bhge,bhne->bhgn", q_rot, zk) + torch.einsum("bhgd,hd->bhg", qf, tk.mean)[..., None]

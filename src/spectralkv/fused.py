@@ -153,6 +153,53 @@ class DecodeSnapshot:
         return torch.cat(parts, dim=2)
 
 
+@dataclass(frozen=True)
+class StaticDecodeView:
+    """What a :class:`~spectralkv.static.StaticCompressedLayer` returns (as keys and as values) on a decode step:
+    its preallocated buffers, with tensors saying which parts hold tokens, so every step has the same shapes and
+    addresses (what ``torch.compile`` and CUDA graphs need).
+
+    Compressed rows ``[0, comp_lengths)`` are in use; ``k_fp``/``v_fp`` are the sinks and the ring of recent tokens
+    (new token included), of which ``fp_mask`` marks the slots in use. Only :func:`fused_attention_forward` reads it:
+    there is no decoded tensor to fall back to, since the number of tokens is a tensor, not a shape.
+    """
+
+    keys: Any  # spectralkv.kernels.ref.PackedSide over the whole preallocated rows
+    values: Any
+    k_fp: torch.Tensor  # [B, Hkv, S + R, D] model dtype
+    v_fp: torch.Tensor
+    comp_lengths: torch.Tensor  # [B] long
+    fp_mask: torch.Tensor  # [B, S + R] bool
+    length: torch.Tensor  # 0-d long: tokens held, new one included
+    tables: tuple[Any, Any]  # the key and value SpectralTables on this device
+    triton: bool
+
+    def check_unpadded(self, mask: torch.Tensor) -> None:
+        """Refuse a padded batch: transformers' boolean mask must allow every position held. Raises eagerly; inside
+        a compiled step (no Python errors there) it is a device-side assert."""
+        n = mask.shape[-1]
+        held = torch.arange(n, device=mask.device) < self.length.to(mask.device)
+        ok = (mask.reshape(mask.shape[0], -1, n)[:, -1] | ~held).all()
+        message = ("StaticSpectralKVCache does not take padded batches (its decode steps do not read the mask); use "
+                   "FusedSpectralKVCache, or generate each prompt alone.")
+        if torch.compiler.is_compiling():
+            torch._assert_async(ok, message)
+        elif not bool(ok):
+            raise ValueError(message)
+
+    def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of ``q`` ``[B, Hq, D]`` over the tokens in use -> ``[B, Hq, D]``."""
+        k, v = self.keys, self.values
+        if self.triton:
+            return _kernels()[0].decode_attention_launch(
+                q, self.tables[0], k.codes, k.scales, self.tables[1], v.codes, v.scales, self.k_fp, self.v_fp, None,
+                self.fp_mask, scaling, comp_lengths=self.comp_lengths)
+        from .kernels.ref import decode_attention_ref
+
+        return decode_attention_ref(q, k, v, self.k_fp, self.v_fp, None, self.fp_mask, scaling,
+                                    comp_lengths=self.comp_lengths, tables=self.tables)
+
+
 def _unwrap(obj: Any) -> Any:
     if isinstance(obj, PackedKV):
         return obj.materialize()
@@ -331,6 +378,15 @@ def fused_attention_forward(
     Falls back to SDPA over decoded tensors (same result, slower) for what the fused path does not do: more than one
     query token, dropout, soft-capping, learned sinks (``s_aux``), position biases, non-boolean or per-head masks.
     """
+    if isinstance(key, StaticDecodeView):
+        if query.shape[2] != 1 or dropout or any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS):
+            raise NotImplementedError(
+                "The static spectralkv cache serves single-token decode steps without dropout, soft-capping, learned "
+                "sinks or position biases; use FusedSpectralKVCache for this model or step.")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+            key.check_unpadded(attention_mask)
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        return key.attend(query[:, :, 0, :], scale).unsqueeze(1), None  # the cache knows which slots hold tokens
     if not isinstance(key, PackedKV) or not isinstance(value, PackedKV):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     snapshot = key.snapshot

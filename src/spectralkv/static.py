@@ -1,0 +1,333 @@
+"""A static-shape compressed cache, for decode steps under ``torch.compile`` and CUDA graphs.
+
+Usage::
+
+    from spectralkv.fused import enable_fused
+    from spectralkv.static import StaticSpectralKVCache
+
+    enable_fused(model)
+    cache = StaticSpectralKVCache(model, calibration, max_cache_len=prompt_len + max_new_tokens)
+    model.generate(**inputs, cache=cache, max_new_tokens=...)  # on CUDA, generate compiles the decode step
+
+Why a second cache. :class:`~spectralkv.fused.FusedSpectralKVCache` grows its buffers and hands the kernel views
+whose lengths are Python ints, so every step has new shapes: it cannot be captured, and on a GPU a decode step of a
+small model is bound by the host launching ~200 operations. Here every buffer is allocated once, at its final size,
+and updated in place; how many tokens it holds is a tensor (like transformers' ``StaticLayer``), so every decode
+step runs the same operations on the same addresses.
+
+Layout of one layer, with ``S`` sink tokens, a window of ``W`` and ``R = W + 1`` ring slots:
+
+* ``fp_keys``/``fp_values`` ``[B, H, S + R, D]`` (model dtype): slots ``0..S-1`` hold the sinks, the other ``R`` a
+  ring of the most recent tokens; position ``p >= S`` lives in slot ``S + (p - S) % R``.
+* code rows ``[B, max_cache_len - S + 1, row_bytes]`` (and fp16 scales): position ``p >= S`` is row ``p - S``;
+  the last row is scratch, written by steps that have nothing to compress yet.
+
+A decode step at position ``p``: the token at ``p - R`` (whose ring slot the new token takes) is encoded into its row,
+the new token is written into slot ``p``, and attention reads rows ``[0, p - W - S)`` plus the sinks and the ring,
+through ``comp_lengths`` and a slot mask (tensors). Those are the same tokens, compressed the same way, as
+:class:`FusedSpectralKVCache` with ``flush_block=1`` holds, so the two give the same numbers (the tests check it).
+
+The prefill runs eagerly (its length is a shape anyway): it attends to its own full-precision tokens with SDPA and
+fills the buffers. Decode steps ignore transformers' mask (they know which slots hold tokens), so what this cache
+does not do, it refuses: exact outliers (their number per token varies: use ``calibration.without_outliers()``),
+padded batches (use :class:`FusedSpectralKVCache`), multi-token steps after the prefill, and calibrations that leave a
+full-attention layer uncompressed (its mask would have another length).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from .cache import _model_config, left_padding
+from .config import SpectralKVConfig
+from .fused import BACKENDS, FUSED_ATTENTION, StaticDecodeView, _kernels, default_backend, use_triton
+from .layer_base import FLUSH_CHUNK
+from .quantizer import SpectralQuantizer
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class StaticCompressedLayer(CacheLayerMixin):
+    """One compressed full-attention layer with preallocated buffers (see the module docstring)."""
+
+    is_compileable = True
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, quantizer_k: SpectralQuantizer, quantizer_v: SpectralQuantizer, sink_tokens: int, window: int,
+                 max_cache_len: int, backend: str = "auto") -> None:
+        super().__init__()
+        for q in (quantizer_k, quantizer_v):
+            if q.outlier_threshold is not None:
+                raise ValueError(
+                    "This calibration keeps exact outliers, whose number per token varies, so they cannot live in "
+                    "static buffers. Pass `calibration.without_outliers()` (the allocation is recomputed with their "
+                    "bits), or use FusedSpectralKVCache.")
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be an integer >= 1 (prompt + new tokens), got {max_cache_len!r}.")
+        self.quantizers = (quantizer_k, quantizer_v)
+        self.sink_tokens, self.window, self.max_cache_len = int(sink_tokens), int(window), max_cache_len
+        self.ring = self.window + 1
+        self.rows = max(0, max_cache_len - self.sink_tokens)  # code rows (plus one scratch row)
+        self.backend = backend
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)  # a tensor: compiled steps must not specialise on it
+        self.prefilled = False
+        self._eager_length = 0  # tokens seen by eager (uncompiled) calls, for a clear error on overflow
+
+    # -- buffers -----------------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        from .kernels.layout import tables_for
+
+        b, h, _, d = key_states.shape
+        dev = key_states.device
+        self.dtype, self.device = key_states.dtype, dev
+        slots = self.sink_tokens + self.ring
+        self.keys = key_states.new_zeros(b, h, slots, d)  # ``keys``/``values`` as transformers' layers name them
+        self.values = value_states.new_zeros(b, h, slots, value_states.shape[-1])
+        self.codes, self.scales = [], []
+        for q in self.quantizers:
+            self.codes.append(torch.zeros(b, self.rows + 1, q.row_bytes, dtype=torch.uint8, device=dev))
+            self.scales.append(torch.zeros(b, self.rows + 1, h, dtype=torch.float16, device=dev)
+                               if q.token_scale else None)
+        self.cumulative_length = self.cumulative_length.to(dev)
+        self._slot_index = torch.arange(slots, device=dev)
+        self.triton = use_triton(self.backend, dev)
+        self.tables = tuple(tables_for(q, dev) for q in self.quantizers)
+        if not _is_compiling():  # fixed addresses: no recompilation or CUDA-graph skip when updated in place
+            for t in (self.keys, self.values, self.cumulative_length, *self.codes, *self.scales):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def _slot(self, pos: torch.Tensor) -> torch.Tensor:
+        s = self.sink_tokens
+        return torch.where(pos < s, pos, s + (pos - s).remainder(self.ring))
+
+    def _row(self, pos: torch.Tensor) -> torch.Tensor:
+        """Code row of position ``pos``; the scratch row for sinks, negative positions and overflow."""
+        rel = pos - self.sink_tokens
+        return torch.where((rel >= 0) & (rel < self.rows), rel, self.rows)
+
+    def _encode(self, side: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.triton:
+            return _kernels()[1].encode_launch(self.tables[side], x)
+        return self.quantizers[side].encode(x)
+
+    def _write_rows(self, side: int, x: torch.Tensor, rows: torch.Tensor | slice) -> None:
+        packed, scales = self._encode(side, x)
+        if isinstance(rows, slice):
+            self.codes[side][:, rows] = packed
+            if scales is not None:
+                self.scales[side][:, rows] = scales
+            return
+        self.codes[side].index_copy_(1, rows, packed)
+        if scales is not None:
+            self.scales[side].index_copy_(1, rows, scales)
+
+    # -- update ------------------------------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        if not self.prefilled:
+            return self._prefill(key_states, value_states)
+        if n != 1:
+            raise NotImplementedError(
+                f"StaticSpectralKVCache takes one prefill, then one token per step; got a {n}-token step after the "
+                "prefill. Use FusedSpectralKVCache for chunked prefill.")
+        return self._decode_step(key_states, value_states)
+
+    def _check_room(self, n: int) -> None:
+        if _is_compiling():
+            return
+        if self._eager_length + n > self.max_cache_len:
+            raise ValueError(
+                f"StaticSpectralKVCache was made for max_cache_len={self.max_cache_len} tokens and this step would "
+                f"hold {self._eager_length + n}. Make the cache with max_cache_len >= prompt length + max_new_tokens.")
+        self._eager_length += n
+
+    def _prefill(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill the buffers from the prompt (eager: its length is a shape) and attend to it in full precision."""
+        if _is_compiling():
+            raise RuntimeError("The prefill of StaticSpectralKVCache runs eagerly; compile only the decode steps "
+                               "(generate does so).")
+        n = k.shape[2]
+        self._check_room(n)
+        s, r = self.sink_tokens, self.ring
+        ns = min(s, n)
+        self.keys[:, :, :ns], self.values[:, :, :ns] = k[:, :, :ns], v[:, :, :ns]
+        lo = max(s, n - r)  # the last R tokens go to the ring (one of them is compressed at the first step)
+        if lo < n:
+            slots = self._slot(torch.arange(lo, n, device=k.device))
+            self.keys.index_copy_(2, slots, k[:, :, lo:n])
+            self.values.index_copy_(2, slots, v[:, :, lo:n])
+        for start in range(s, n - r, FLUSH_CHUNK):  # the older ones are compressed now
+            stop = min(n - r, start + FLUSH_CHUNK)
+            for side, x in enumerate((k, v)):
+                self._write_rows(side, x[:, :, start:stop], slice(start - s, stop - s))
+        self.cumulative_length.fill_(n)
+        self.prefilled = True
+        return k, v
+
+    def _decode_step(self, k: torch.Tensor, v: torch.Tensor) -> tuple[StaticDecodeView, StaticDecodeView]:
+        self._check_room(1)
+        p = self.cumulative_length.clone()  # the position of the new token (the counter itself moves on below)
+        if _is_compiling():  # no Python error inside a graph; a device-side assert instead of silent corruption
+            torch._assert_async(p < self.max_cache_len, "StaticSpectralKVCache: max_cache_len exceeded")
+        # the token whose ring slot the new one takes leaves full precision, exactly as in the dynamic cache
+        leaving = p - self.ring
+        slot_out = self._slot(leaving.clamp_min(0)).reshape(1)
+        row_out = self._row(leaving).reshape(1)
+        for side, fp in enumerate((self.keys, self.values)):
+            self._write_rows(side, fp.index_select(2, slot_out), row_out)
+        slot_in = self._slot(p).reshape(1)
+        self.keys.index_copy_(2, slot_in, k)
+        self.values.index_copy_(2, slot_in, v)
+        self.cumulative_length.add_(1)
+        length = p + 1
+        b = k.shape[0]
+        in_use = (length - self.ring - self.sink_tokens).clamp(0, self.rows)
+        view = StaticDecodeView(
+            keys=self._packed(0),
+            values=self._packed(1),
+            k_fp=self.keys,
+            v_fp=self.values,
+            comp_lengths=in_use.reshape(1).expand(b),
+            fp_mask=(self._slot_index < length).unsqueeze(0).expand(b, -1),
+            length=length,
+            tables=self.tables,
+            triton=self.triton,
+        )
+        return view, view
+
+    def _packed(self, side: int) -> Any:
+        from .kernels.ref import PackedSide
+
+        scales = self.scales[side]
+        return PackedSide(self.quantizers[side], self.codes[side][:, : self.rows],
+                          None if scales is None else scales[:, : self.rows])
+
+    # -- what transformers asks ------------------------------------------------------------------------------------
+    def get_seq_length(self) -> Any:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the prefill attends to its own tokens; decode steps do not read the mask, so any fixed size does
+        return (query_length, 0) if not self.prefilled else (self.max_cache_len, 0)
+
+    def reset(self) -> None:
+        """Empty the cache in place (same buffers, so a compiled step stays valid)."""
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+            self.cumulative_length.zero_()
+        else:
+            self.cumulative_length = torch.tensor(0, dtype=torch.long)
+        self.prefilled = False
+        self._eager_length = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder rows in place (the buffers keep their addresses)."""
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        for t in (self.keys, self.values, *self.codes, *self.scales):
+            if t is not None:
+                t.copy_(t.index_select(0, idx))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "A compressed KV cache cannot be cropped back to full precision, so assisted/speculative decoding is not "
+            "supported with spectralkv.")
+
+    def memory(self) -> dict[str, int]:
+        """Allocated bytes by part (static: the whole capacity, whatever is in use)."""
+        if not self.is_initialized:
+            return {"codes": 0, "metadata": 0, "fp_slots": 0}
+
+        def nb(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        return {"codes": sum(map(nb, self.codes)), "metadata": sum(map(nb, self.scales)),
+                "fp_slots": nb(self.keys) + nb(self.values)}
+
+
+class StaticSpectralKVCache(Cache):
+    """A transformers ``Cache`` of fixed size for compiled decoding (see the module docstring).
+
+    Args:
+        model: the model (or its config); checked against the calibration. Its attention implementation must be
+            ``"spectralkv_fused"`` (:func:`spectralkv.fused.enable_fused`).
+        calibration: a :class:`SpectralKVConfig` (or a path / Hub id); no exact outliers.
+        max_cache_len: tokens the cache can hold (prompt + new tokens).
+        bits, window, sink_tokens: as for :class:`~spectralkv.cache.SpectralKVCache`.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`spectralkv.fused`).
+
+    Sliding-window layers use transformers' own static layers.
+    """
+
+    def __init__(self, model: Any, calibration: SpectralKVConfig | str, *, max_cache_len: int,
+                 bits: float | None = None, window: int | None = None, sink_tokens: int | None = None,
+                 backend: str | None = None) -> None:
+        if not isinstance(calibration, SpectralKVConfig):
+            calibration = SpectralKVConfig.from_pretrained(calibration)
+        calibration.check_compatible(model)
+        if bits is not None:
+            calibration = calibration.with_bits(bits)
+        self.calibration = calibration
+        self.backend = default_backend() if backend is None else backend
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
+        attn = getattr(getattr(model, "config", None), "_attn_implementation", FUSED_ATTENTION)
+        if attn != FUSED_ATTENTION:
+            raise ValueError(
+                f"StaticSpectralKVCache needs the {FUSED_ATTENTION!r} attention implementation (the model uses "
+                f"{attn!r}): call spectralkv.fused.enable_fused(model) first.")
+        self.window = calibration.window if window is None else int(window)
+        self.sink_tokens = calibration.sink_tokens if sink_tokens is None else int(sink_tokens)
+        if self.window < 0 or self.sink_tokens < 0:
+            raise ValueError(f"window and sink_tokens must be >= 0, got {self.window} and {self.sink_tokens}.")
+        quantizers = calibration.quantizers()
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(_model_config(model))
+        compressed = set(calibration.compressed_layers)
+        layers: list[CacheLayerMixin] = []
+        for i, (lt, kw) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
+            if i in compressed:
+                layers.append(StaticCompressedLayer(quantizers[(i, "k")], quantizers[(i, "v")], self.sink_tokens,
+                                                    self.window, max_cache_len, self.backend))
+            elif lt in ("full_attention", "chunked_attention") or lt not in STATIC_LAYER_TYPE_MAPPING:
+                raise ValueError(
+                    f"Layer {i} ({lt}) is not compressed by this calibration; StaticSpectralKVCache compresses every "
+                    "full-attention layer (the decode steps share one mask). Use FusedSpectralKVCache for this "
+                    "calibration.")
+            else:
+                layers.append(STATIC_LAYER_TYPE_MAPPING[lt](max_cache_len=max_cache_len, **kw))
+        super().__init__(layers=layers)
+        self.max_cache_len = max_cache_len
+
+    def set_left_padding(self, attention_mask: torch.Tensor) -> None:
+        """Refuse padded batches (decode steps do not read a mask); a mask without padding is fine."""
+        if left_padding(attention_mask) is not None:
+            raise ValueError("StaticSpectralKVCache does not take padded batches; use FusedSpectralKVCache, or "
+                             "generate each prompt alone.")
+
+    @property
+    def bits(self) -> float:
+        return float(self.calibration.bits)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Allocated bytes of the compressed layers by part (the capacity, not what is in use)."""
+        totals = {"codes": 0, "metadata": 0, "fp_slots": 0}
+        for layer in self.layers:
+            if isinstance(layer, StaticCompressedLayer):
+                for key, value in layer.memory().items():
+                    totals[key] += value
+        return {"bits": self.bits, "max_cache_len": self.max_cache_len, **{f"{k}_bytes": v for k, v in totals.items()}}
