@@ -1,0 +1,188 @@
+"""StaticSpectralKVCache: same numbers as the growing fused cache, one compiled graph for every decode step, and clear
+errors for what static buffers cannot hold."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_calibrate
+
+WINDOW, SINKS, PROMPT, NEW = 8, 2, 28, 12
+
+
+@pytest.fixture()
+def fused_llama(tiny_llama: Any) -> Iterator[Any]:
+    """The shared tiny Llama with the fused attention selected (restored afterwards)."""
+    from spectralkv.fused import enable_fused
+
+    previous = enable_fused(tiny_llama)
+    try:
+        yield tiny_llama
+    finally:
+        tiny_llama.set_attn_implementation(previous)
+
+
+def prompt(batch: int = 2, length: int = PROMPT, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model: Any, cache: Any, ids: torch.Tensor, new: int = NEW, **kwargs: Any) -> Any:
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=new,
+                          do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
+
+
+def static_cache(model: Any, cfg: Any, **kwargs: Any) -> Any:
+    from spectralkv.static import StaticSpectralKVCache
+
+    args = dict(window=WINDOW, sink_tokens=SINKS, backend="torch", max_cache_len=PROMPT + NEW)
+    return StaticSpectralKVCache(model, cfg, **{**args, **kwargs})
+
+
+def assert_same_generation(got: Any, want: Any) -> None:
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits, strict=True)):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("prompt_len", [PROMPT, 5], ids=lambda n: f"prompt={n}")
+def test_static_equals_growing_fused_cache(fused_llama: Any, tiny_llama_calibration: Any, backend: str,
+                                           prompt_len: int) -> None:
+    """Same tokens compressed the same way as FusedSpectralKVCache(flush_block=1): same greedy tokens and logits, with
+    the reference or the Triton kernels (interpreter), from a prompt longer than sinks + window and from one shorter
+    (the ring fills during decoding, sinks are written by decode steps)."""
+    from spectralkv.fused import FusedSpectralKVCache
+    from spectralkv.static import StaticCompressedLayer
+
+    cfg = tiny_llama_calibration.without_outliers()
+    ids = prompt(length=prompt_len)
+    want = generate(fused_llama, FusedSpectralKVCache(fused_llama, cfg, window=WINDOW, sink_tokens=SINKS,
+                                                      backend=backend), ids)
+    cache = static_cache(fused_llama, cfg, backend=backend, max_cache_len=prompt_len + NEW)
+    got = generate(fused_llama, cache, ids)
+    assert_same_generation(got, want)
+    layer = cache.layers[0]
+    assert isinstance(layer, StaticCompressedLayer) and layer.triton == (backend == "triton")
+    assert int(layer.cumulative_length) == prompt_len + NEW - 1
+    # the rows in use hold exactly what the growing cache compressed (which, flushing after the step's attention
+    # instead of before the next one, holds one row more)
+    ref = FusedSpectralKVCache(fused_llama, cfg, window=WINDOW, sink_tokens=SINKS, backend=backend)
+    generate(fused_llama, ref, ids)
+    n = len(ref.layers[0].key_store) - 1
+    assert n == prompt_len + NEW - 1 - (WINDOW + 1) - SINKS
+    for side, store in enumerate((ref.layers[0].key_store, ref.layers[0].value_store)):
+        assert torch.equal(layer.codes[side][:, :n], store.codes.view()[:, :n])
+
+
+def test_reset_reuses_the_buffers(fused_llama: Any, tiny_llama_calibration: Any) -> None:
+    """A second generate after ``reset`` gives the first one's result in the same buffers (so a compiled step stays
+    valid)."""
+    cfg = tiny_llama_calibration.without_outliers()
+    cache = static_cache(fused_llama, cfg)
+    first = generate(fused_llama, cache, prompt())
+    addresses = [t.data_ptr() for t in (cache.layers[0].keys, *cache.layers[0].codes)]
+    cache.reset()
+    assert int(cache.layers[0].cumulative_length) == 0
+    again = generate(fused_llama, cache, prompt())
+    assert torch.equal(first.sequences, again.sequences)
+    assert addresses == [t.data_ptr() for t in (cache.layers[0].keys, *cache.layers[0].codes)]
+    report = cache.memory_report()
+    assert report["codes_bytes"] > 0 and report["max_cache_len"] == PROMPT + NEW
+
+
+def test_compiled_decode_is_one_graph(fused_llama: Any, tiny_llama_calibration: Any) -> None:
+    """``generate`` compiles the decode step (fullgraph, through AOT autograd's functionalisation of the in-place
+    updates) once: every later step and a second generate after ``reset`` reuse it, with the eager result."""
+    from transformers import CompileConfig
+
+    cfg = tiny_llama_calibration.without_outliers()
+    eager = generate(fused_llama, static_cache(fused_llama, cfg), prompt())
+    graphs: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        from torch._dynamo.backends.common import aot_autograd
+
+        graphs.append(len(gm.graph.nodes))
+        return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # generate compiles on CUDA only unless told
+    cache = static_cache(fused_llama, cfg)
+    try:
+        compiled = generate(fused_llama, cache, prompt(), compile_config=config)
+        cache.reset()
+        again = generate(fused_llama, cache, prompt(), compile_config=config)
+    finally:
+        for name in ("_compiled_call", "_last_compile_config"):
+            fused_llama.__dict__.pop(name, None)
+        torch._dynamo.reset()
+    assert len(graphs) == 1, f"{len(graphs)} graphs compiled (recompilation or graph break)"
+    assert_same_generation(compiled, eager)
+    assert torch.equal(again.sequences, eager.sequences)
+
+
+def test_sliding_window_layers_stay_transformers_static(tiny_factory: Any) -> None:
+    """Gemma3-style alternating layers: the sliding ones are transformers' static sliding layers, the full ones
+    compressed, with the growing fused cache's result."""
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    from spectralkv.fused import FusedSpectralKVCache, enable_fused
+    from spectralkv.static import StaticCompressedLayer
+
+    model = tiny_factory("gemma3_text", sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    cfg = tiny_calibrate(model).without_outliers()
+    enable_fused(model)
+    ids = prompt()
+    want = generate(model, FusedSpectralKVCache(model, cfg, window=WINDOW, sink_tokens=SINKS, backend="torch"), ids)
+    cache = static_cache(model, cfg)
+    assert [type(layer) for layer in cache.layers] == [StaticSlidingWindowLayer, StaticCompressedLayer]
+    assert_same_generation(generate(model, cache, ids), want)
+
+
+# -- what static buffers cannot hold --------------------------------------------------------------------------------
+def test_refuses_outlier_calibrations(fused_llama: Any, tiny_llama: Any) -> None:
+    cfg = tiny_calibrate(tiny_llama, outlier_thresholds=(2.5,))
+    assert cfg.outlier_threshold is not None
+    with pytest.raises(ValueError, match=r"without_outliers\(\)"):
+        static_cache(fused_llama, cfg)
+
+
+def test_refuses_other_attention(tiny_llama: Any, tiny_llama_calibration: Any) -> None:
+    with pytest.raises(ValueError, match=r"enable_fused\(model\)"):
+        static_cache(tiny_llama, tiny_llama_calibration.without_outliers())
+
+
+def test_refuses_padded_batches(fused_llama: Any, tiny_llama_calibration: Any) -> None:
+    cfg = tiny_llama_calibration.without_outliers()
+    ids = prompt()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="padded batches"):
+        fused_llama.generate(input_ids=ids, attention_mask=mask, cache=static_cache(fused_llama, cfg),
+                             max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="padded batches"):
+        static_cache(fused_llama, cfg).set_left_padding(mask)
+
+
+def test_refuses_overflow_and_chunked_steps(fused_llama: Any, tiny_llama_calibration: Any) -> None:
+    cfg = tiny_llama_calibration.without_outliers()
+    with pytest.raises(ValueError, match="max_cache_len >= prompt length"):
+        generate(fused_llama, static_cache(fused_llama, cfg, max_cache_len=PROMPT + 3), prompt())
+    cache = static_cache(fused_llama, cfg)
+    fused_llama(input_ids=prompt(), cache=cache)
+    with pytest.raises(NotImplementedError, match="one token per step"):
+        fused_llama(input_ids=prompt(length=2), cache=cache)
+    with pytest.raises(ValueError, match="max_cache_len must be an integer"):
+        static_cache(fused_llama, cfg, max_cache_len=0)
+
+
+def test_refuses_uncompressed_full_attention_layers(fused_llama: Any, tiny_llama_calibration: Any) -> None:
+    cfg = copy.copy(tiny_llama_calibration.without_outliers())
+    cfg.compressed_layers = [1]
+    with pytest.raises(ValueError, match="Layer 0 .* not compressed"):
+        static_cache(fused_llama, cfg)
+
