@@ -14,6 +14,10 @@ Methods:
   packed codes with the Triton kernel. The calibration is synthetic (random orthonormal bases, Gaussian-fitted
   codebooks, built with the library's ``SpectralKVConfig`` and bit allocator): random weights have no statistics
   worth measuring, and calibrating an 8B model would cost minutes for numbers the timing does not depend on.
+* ``spectralkv-static``: the same kernels over ``spectralkv.static.StaticSpectralKVCache`` (preallocated for
+  context + new tokens), which ``generate`` compiles on CUDA like ``fp16-static`` (``torch.compile``, CUDA graphs):
+  the host no longer launches each operation of a decode step. The warm-up generate (a short prompt in the same
+  cache, so the same shapes) pays the compilation.
 
 Per run: prefill time (up to the first generated token), decode tokens/s over the remaining steps (prefill
 excluded), peak GPU memory, and the KV cache's resident bytes. ``speedup_vs_fp16`` is against ``fp16-dynamic`` and
@@ -50,7 +54,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, run as a script or loaded by path
 from bench_decode import fmt, is_finite, parse_size  # noqa: E402
 
-METHODS = ("fp16-dynamic", "fp16-static", "spectralkv")
+METHODS = ("fp16-dynamic", "fp16-static", "spectralkv", "spectralkv-static")
+SKV_METHODS = ("spectralkv", "spectralkv-static")
 FP16_METHODS = ("fp16-dynamic", "fp16-static")
 TARGET_SPEEDUP = 2.0
 LLAMA_8B = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -136,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-batch-limit must be >= 1, got {args.max_batch_limit}")
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers must be >= 1, got {args.layers}")
-    if "spectralkv" in args.methods and args.context <= args.window + args.sinks:
+    if set(SKV_METHODS) & set(args.methods) and args.context <= args.window + args.sinks:
         p.error(f"--context ({args.context}) must exceed --window + --sinks ({args.window + args.sinks}), or "
                 "spectralkv compresses nothing")
     return args
@@ -305,11 +310,12 @@ def _free(device: torch.device) -> None:
 
 
 def generate_once(model: torch.nn.Module, method: str, batch: int, context: int, new_tokens: int,
-                  args: argparse.Namespace, cache: Any = None) -> dict[str, Any]:
+                  args: argparse.Namespace, cache: Any = None, filled: bool | None = None) -> dict[str, Any]:
     """One timed ``generate``; the caller attaches/detaches spectralkv. Raises on out-of-memory.
 
-    With ``cache`` (already holding the first ``context - 1`` tokens, see :func:`filled_cache`) generate runs only
-    the prompt's last token before decoding: ``prefill_s`` is then that one step."""
+    With ``cache`` generate uses it; ``filled`` (default: whether a cache is given) says it already holds the first
+    ``context - 1`` tokens (see :func:`filled_cache`), so generate runs only the prompt's last token before decoding:
+    ``prefill_s`` is then that one step."""
     from transformers import StoppingCriteriaList
 
     from spectralkv.compat import cache_kwarg
@@ -317,14 +323,14 @@ def generate_once(model: torch.nn.Module, method: str, batch: int, context: int,
     dev = torch.device(args.device)
     vocab = model.config.vocab_size
     gen = torch.Generator(device=dev).manual_seed(args.seed)
-    filled = cache is not None
+    filled = cache is not None if filled is None else filled
     ids = torch.randint(3, vocab, (batch, context), device=dev, generator=gen)
     mask = torch.ones_like(ids)
     timer = StepTimer(dev)
     kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([timer]),
                                   pad_token_id=0)
-    if filled:
+    if cache is not None:
         kwargs[cache_kwarg(model)] = cache
     elif method == "fp16-static":
         kwargs["cache_implementation"] = "static"
@@ -340,7 +346,7 @@ def generate_once(model: torch.nn.Module, method: str, batch: int, context: int,
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     end = time.perf_counter()
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
     generated = out.sequences.shape[1] - context
     row = dict(
         method=method, batch=batch, context=context, new_tokens=generated,
@@ -385,6 +391,11 @@ class Runner:
         from spectralkv.layer_base import FLUSH_CHUNK
 
         args = self.args
+        if method == "spectralkv-static":
+            if fill:
+                raise ValueError("the batch search fills growing caches; spectralkv-static preallocates what "
+                                 "spectralkv holds (search that one)")
+            return self._run_static(bits, batch, new_tokens)
         cfg = self.calibration(bits) if method == "spectralkv" else None
         if cfg is not None:
             attach(self.model, cfg, fused=True, window=args.window, sink_tokens=args.sinks, flush_block=flush_block)
@@ -410,6 +421,33 @@ class Runner:
             detach(self.model)
         row["bits"] = bits if bits is not None else float(torch.finfo(getattr(torch, args.dtype)).bits)
         row["flush_block"] = flush_block
+        return row
+
+    def _run_static(self, bits: float, batch: int, new_tokens: int) -> dict[str, Any]:
+        """spectralkv-static: one preallocated cache per budget and batch, warmed up (compiled) with a short prompt,
+        reset, then timed, so the timed run reuses the compiled step and its CUDA graph (same shapes, same buffers)."""
+        from spectralkv.fused import enable_fused
+        from spectralkv.static import StaticSpectralKVCache
+
+        args = self.args
+        previous = enable_fused(self.model)
+        try:
+            cache = StaticSpectralKVCache(self.model, self.calibration(bits), max_cache_len=args.context + new_tokens,
+                                          window=args.window, sink_tokens=args.sinks)
+            if args.warmup_tokens:
+                short = min(args.context, args.window + args.sinks + 8)
+                warm = min(new_tokens, max(2, args.warmup_tokens))
+                generate_once(self.model, "spectralkv-static", batch, short, warm, args, cache=cache, filled=False)
+                with torch.inference_mode():  # the buffers were made inside generate_once's inference mode
+                    cache.reset()
+            row = generate_once(self.model, "spectralkv-static", batch, args.context, new_tokens, args, cache=cache,
+                                filled=False)
+            row["attn_implementation"] = self.model.config._attn_implementation
+            compiled = self.model._valid_auto_compile_criteria({"cache": cache}, self.model.generation_config)
+            row["note"] = "compiled decode step" if compiled else "eager decode steps (generate compiles on CUDA)"
+        finally:
+            self.model.set_attn_implementation(previous)
+        row["bits"], row["flush_block"] = bits, 1
         return row
 
 
@@ -469,7 +507,7 @@ def check_targets(rows: list[dict[str, Any]], target: float = TARGET_SPEEDUP) ->
     """PASS/FAIL of decode speedup >= ``target`` for every spectralkv throughput row, against fp16-dynamic and
     against the best fp16 method; NOT MEASURED when there is no spectralkv or fp16 row to compare."""
     out = []
-    skv = [r for r in rows if r.get("mode", "throughput") == "throughput" and r["method"] == "spectralkv"]
+    skv = [r for r in rows if r.get("mode", "throughput") == "throughput" and r["method"] in SKV_METHODS]
     for r in skv:
         pairs = [("speedup_vs_fp16", "fp16-dynamic")]
         if r["baseline"] != "fp16-dynamic":  # the best fp16 is another method: check against it too
@@ -478,7 +516,8 @@ def check_targets(rows: list[dict[str, Any]], target: float = TARGET_SPEEDUP) ->
             value = r[column]
             status = ("PASS" if value >= target else "FAIL") if is_finite(value) else "NOT MEASURED"
             out.append(dict(batch=r["batch"], context=r["context"], bits=r["bits"], against=against, value=value,
-                            threshold=target, status=status, flush_block=int(r.get("flush_block") or 1)))
+                            threshold=target, status=status, flush_block=int(r.get("flush_block") or 1),
+                            method=r["method"]))
     if not skv:
         out.append(dict(batch=None, context=None, bits=None, against="fp16", value=float("nan"), threshold=target,
                         status="NOT MEASURED"))
@@ -489,7 +528,9 @@ def format_targets(results: Sequence[dict[str, Any]]) -> list[str]:
     lines = []
     for r in results:
         flush = f", flush {r['flush_block']}" if r.get("flush_block", 1) > 1 else ""
-        where = "" if r["batch"] is None else f" (batch {r['batch']}, ctx {r['context']}, {r['bits']:g} bit{flush})"
+        method = f"{r['method']}, " if r.get("method", "spectralkv") != "spectralkv" else ""
+        where = "" if r["batch"] is None else \
+            f" ({method}batch {r['batch']}, ctx {r['context']}, {r['bits']:g} bit{flush})"
         value = f"{r['value']:.2f}x" if is_finite(r["value"]) else "n/a"
         lines.append(f"{r['status']:12s} decode speedup vs {r['against']}{where}: {value} "
                      f"(target >= {r['threshold']:g}x)")
@@ -500,10 +541,10 @@ def format_targets(results: Sequence[dict[str, Any]]) -> list[str]:
 # Reports
 # ---------------------------------------------------------------------------------------------------------------
 def _label(r: dict[str, Any]) -> str:
-    if r["method"] != "spectralkv":
+    if r["method"] not in SKV_METHODS:
         return r["method"]
     flush = int(r.get("flush_block") or 1)
-    return f"spectralkv {r['bits']:g} bit" + (f", flush {flush}" if flush > 1 else "")
+    return f"{r['method']} {r['bits']:g} bit" + (f", flush {flush}" if flush > 1 else "")
 
 
 def _note(r: dict[str, Any]) -> str:
@@ -600,6 +641,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     runner = Runner(model, args)
     cases = [(m, None, 1) for m in FP16_METHODS if m in args.methods]
     cases += [("spectralkv", b, f) for b in args.bits for f in args.flush_blocks if "spectralkv" in args.methods]
+    cases += [("spectralkv-static", b, 1) for b in args.bits if "spectralkv-static" in args.methods]
     rows: list[dict[str, Any]] = []
     for batch in [] if args.search_only else args.batches:
         for method, bits, flush in cases:
@@ -621,7 +663,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             _print_row(row, args.device)
     if args.find_max_batch:
         # memory does not depend on the flush block (a few window tokens): one search per method and budget
-        for method, bits, flush in [c for c in cases if c[0] != "spectralkv" or c[2] == args.flush_blocks[0]]:
+        searched = [c for c in cases if c[0] == "spectralkv" and c[2] == args.flush_blocks[0] or c[0] in FP16_METHODS]
+        for method, bits, flush in searched:
             last: dict[int, dict[str, Any]] = {}
 
             def fits(batch: int, method: str = method, bits: float | None = bits, flush: int = flush,

@@ -4,8 +4,9 @@
 # copied from this checkout into a temporary site folder, and transformers comes from carried wheels when the
 # machine's is older than the package needs (make them here with `scripts/gpu_check.sh --wheels`, carry `.whl`).
 #
-#   scripts/gpu_check.sh [STAGE...]     stages: tests decode outliers modes generate maxbatch
-#                                       (default: all but maxbatch, about 9 minutes at most; maxbatch up to 7)
+#   scripts/gpu_check.sh [STAGE...]     stages: tests decode outliers modes generate compiled maxbatch
+#                                       (default: all but compiled and maxbatch, about 9 minutes at most; then
+#                                       a second call `compiled` (up to 5) and, if time is left, `maxbatch` (up to 7))
 #   scripts/gpu_check.sh --wheels       (on this machine) download the wheels the GPU machine lacks into .whl/
 #
 # Every stage has its own time limit and a failed stage does not stop the next one; $OUT (default
@@ -37,8 +38,8 @@ log() { printf '%s\n' "$*" | tee -a "$LOG"; }
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests decode outliers modes generate)
 for s in "${stages[@]}"; do
-  case "$s" in tests|decode|outliers|modes|generate|maxbatch) ;; *)
-    echo "unknown stage '$s' (choose from: tests decode outliers modes generate maxbatch)" >&2; exit 2;;
+  case "$s" in tests|decode|outliers|modes|generate|compiled|maxbatch) ;; *)
+    echo "unknown stage '$s' (choose from: tests decode outliers modes generate compiled maxbatch)" >&2; exit 2;;
   esac
 done
 
@@ -103,7 +104,10 @@ for s in "${stages[@]}"; do
     generate)  # end-to-end generate at batch 8 x 32k on an 8B-shaped random model; flush block 32 writes the
       # store once every 32 steps (64 write-kernel launches per step fewer on 32 layers): does host overhead matter?
       run_stage generate 170 "$PY" scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128 \
-        --flush-blocks 1 32 --out "$BENCH/generate" ;;
+        --flush-blocks 1 32 --methods fp16-dynamic fp16-static spectralkv --out "$BENCH/generate" ;;
+    compiled)  # the same with the decode step compiled into a CUDA graph: fp16-static vs the static spectralkv cache
+      run_stage compiled 300 "$PY" scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128 \
+        --methods fp16-static spectralkv-static --out "$BENCH/compiled" ;;
     maxbatch)  # the largest batch whose cache and decode steps fit at 32k, per method (caches filled synthetically)
       run_stage maxbatch 420 "$PY" scripts/bench_generate.py --context 32k --find-max-batch --search-only \
         --search-start 8 --out "$BENCH/maxbatch" ;;
@@ -111,7 +115,7 @@ for s in "${stages[@]}"; do
 done
 
 # what comes back: the log, every Markdown table in one file, the decode and generate CSVs and plots
-for name in decode outliers register select generate maxbatch; do
+for name in decode outliers register select generate compiled maxbatch; do
   for f in "$BENCH/$name"/*.md; do
     [ -f "$f" ] && { printf '\n## %s\n\n' "$name"; cat "$f"; } >> "$OUT/results.md"
   done
@@ -119,6 +123,7 @@ done
 for f in "$BENCH"/decode/bench_decode.{csv,png} "$BENCH"/generate/bench_generate.{csv,png}; do
   [ -f "$f" ] && cp "$f" "$OUT/"
 done
+[ -f "$BENCH/compiled/bench_generate.csv" ] && cp "$BENCH/compiled/bench_generate.csv" "$OUT/compiled_generate.csv"
 rm -rf "$BENCH" "$SITE"
 log ""
 log "stages: ${status[*]}"

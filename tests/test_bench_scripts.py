@@ -99,7 +99,8 @@ def test_generate_parses(gen: ModuleType, capsys: pytest.CaptureFixture[str]) ->
     full = gen.parse_args([])
     assert (full.device, full.context, full.batches, full.new_tokens, full.dtype) == ("cuda", 32768, [8], 128,
                                                                                      "float16")
-    assert full.methods == ["fp16-dynamic", "fp16-static", "spectralkv"] and full.bits == [2.5, 4.0]
+    assert full.methods == ["fp16-dynamic", "fp16-static", "spectralkv", "spectralkv-static"]
+    assert full.bits == [2.5, 4.0]
     assert full.flush_blocks == [1] and full.search_fill == "synthetic" and not full.search_only
     assert gen.model_shape(full) == gen.LLAMA_8B and gen.LLAMA_8B["num_hidden_layers"] == 32
     tiny = gen.parse_args(["--device", "cpu", "--tiny", "--context", "100"])
@@ -415,7 +416,7 @@ def test_generate_tiny_cpu_end_to_end(gen: ModuleType, tmp_path: Path, monkeypat
     flushed = [r for r in rows if r["mode"] == "throughput" and r["flush_block"] == "4"]
     assert [r["method"] for r in flushed] == ["spectralkv"] and float(flushed[0]["decode_tok_s"]) > 0
     thr = {r["method"]: r for r in rows if r["mode"] == "throughput" and r["flush_block"] == "1"}
-    assert set(thr) == {"fp16-dynamic", "fp16-static", "spectralkv"}
+    assert set(thr) == {"fp16-dynamic", "fp16-static", "spectralkv", "spectralkv-static"}
     for r in thr.values():
         assert int(r["batch"]) == 2 and int(r["context"]) == 64 and int(r["new_tokens"]) == 8
         assert float(r["decode_tok_s"]) > 0 and float(r["prefill_s"]) > 0 and float(r["decode_s"]) > 0
@@ -428,8 +429,13 @@ def test_generate_tiny_cpu_end_to_end(gen: ModuleType, tmp_path: Path, monkeypat
     assert fp["cache_type"] == "DynamicCache" and thr["fp16-static"]["cache_type"] == "StaticCache"
     assert attends and max(attends) > 40  # the fused decode path ran, over the compressed tokens
     assert float(skv["speedup_vs_fp16"]) == pytest.approx(float(skv["decode_tok_s"]) / float(fp["decode_tok_s"]))
+    static = thr["spectralkv-static"]
+    assert static["cache_type"] == "StaticSpectralKVCache" and static["fused_backend"] == "torch reference"
+    assert int(static["compressed_tokens"]) == 64 + 7 - 9 - 2 and "eager decode steps" in static["note"]
+    assert int(static["cache_bytes"]) < 0.5 * int(fp["cache_bytes"])
     maxb = {r["method"]: r for r in rows if r["mode"] == "max_batch"}
-    assert set(maxb) == set(thr) and all(int(r["max_batch"]) == 2 and "limit" in r["note"] for r in maxb.values())
+    assert set(maxb) == set(thr) - {"spectralkv-static"}  # it preallocates what spectralkv holds
+    assert all(int(r["max_batch"]) == 2 and "limit" in r["note"] for r in maxb.values())
     assert all(r["gpu"] == "cpu" and r["dtype"] == "float32" for r in rows)
     md = (out / "bench_generate.md").read_text()
     assert "python scripts/bench_generate.py --device cpu --tiny" in md and "largest batch that fits" in md

@@ -173,6 +173,7 @@ class StaticDecodeView:
     length: torch.Tensor  # 0-d long: tokens held, new one included
     tables: tuple[Any, Any]  # the key and value SpectralTables on this device
     triton: bool
+    num_splits: int = 1  # the Triton kernel's compressed splits per sequence and KV head
 
     def check_unpadded(self, mask: torch.Tensor) -> None:
         """Refuse a padded batch: transformers' boolean mask must allow every position held. Raises eagerly; inside
@@ -193,7 +194,7 @@ class StaticDecodeView:
         if self.triton:
             return _kernels()[0].decode_attention_launch(
                 q, self.tables[0], k.codes, k.scales, self.tables[1], v.codes, v.scales, self.k_fp, self.v_fp, None,
-                self.fp_mask, scaling, comp_lengths=self.comp_lengths)
+                self.fp_mask, scaling, comp_lengths=self.comp_lengths, num_splits=self.num_splits)
         from .kernels.ref import decode_attention_ref
 
         return decode_attention_ref(q, k, v, self.k_fp, self.v_fp, None, self.fp_mask, scaling,

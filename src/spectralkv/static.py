@@ -97,6 +97,9 @@ class StaticCompressedLayer(CacheLayerMixin):
         self.cumulative_length = self.cumulative_length.to(dev)
         self._slot_index = torch.arange(slots, device=dev)
         self.triton = use_triton(self.backend, dev)
+        self.num_splits = 1  # kernel splits per sequence and head, fixed here (a compiled step must not look it up)
+        if self.triton:
+            self.num_splits = _kernels()[0].default_num_splits(b, h, max(1, self.rows), 32, dev)
         self.tables = tuple(tables_for(q, dev) for q in self.quantizers)
         if not _is_compiling():  # fixed addresses: no recompilation or CUDA-graph skip when updated in place
             for t in (self.keys, self.values, self.cumulative_length, *self.codes, *self.scales):
@@ -203,6 +206,7 @@ class StaticCompressedLayer(CacheLayerMixin):
             length=length,
             tables=self.tables,
             triton=self.triton,
+            num_splits=self.num_splits,
         )
         return view, view
 
@@ -325,10 +329,16 @@ class StaticSpectralKVCache(Cache):
         return float(self.calibration.bits)
 
     def memory_report(self) -> dict[str, Any]:
-        """Allocated bytes of the compressed layers by part (the capacity, not what is in use)."""
-        totals = {"codes": 0, "metadata": 0, "fp_slots": 0}
+        """Allocated bytes by part (static buffers: the capacity, whatever is in use) and the tokens held."""
+        totals = {"codes": 0, "metadata": 0, "fp_slots": 0, "other_layers": 0}
+        compressed = 0
         for layer in self.layers:
             if isinstance(layer, StaticCompressedLayer):
                 for key, value in layer.memory().items():
                     totals[key] += value
-        return {"bits": self.bits, "max_cache_len": self.max_cache_len, **{f"{k}_bytes": v for k, v in totals.items()}}
+                if layer.is_initialized:
+                    compressed = max(compressed, int(layer.cumulative_length) - layer.ring - layer.sink_tokens)
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                totals["other_layers"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        return {"bits": self.bits, "max_cache_len": self.max_cache_len, "compressed_tokens": max(0, compressed),
+                **{f"{k}_bytes": v for k, v in totals.items()}, "resident_bytes": sum(totals.values())}
