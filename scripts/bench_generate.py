@@ -39,6 +39,7 @@ that path runs the whole script on CPU in seconds so the tests can check its log
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime as dt
 import gc
@@ -111,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="first batch the search tries (default: the smallest of --batches)")
     p.add_argument("--search-only", action="store_true",
                    help="with --find-max-batch: skip the throughput runs at --batches")
+    p.add_argument("--cpu-compile", action="store_true",
+                   help="on CPU, let generate compile the static caches' decode steps too (inductor; on CUDA it\n"
+                        "always does): how much host work compiling removes, measurable without a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
@@ -334,8 +338,16 @@ def generate_once(model: torch.nn.Module, method: str, batch: int, context: int,
         kwargs[cache_kwarg(model)] = cache
     elif method == "fp16-static":
         kwargs["cache_implementation"] = "static"
+        # sized for the timed run in the warm-up too: the same cache (shapes, addresses) is reused, so the warm-up
+        # pays the compilation and the CUDA-graph capture, not the timed run
+        kwargs["max_cache_len"] = max(args.context, context) + max(args.new_tokens, new_tokens)
     if args.prefill_chunk and not filled:
         kwargs["prefill_chunk_size"] = args.prefill_chunk
+    if getattr(args, "cpu_compile", False) and dev.type == "cpu" and method in ("fp16-static", "spectralkv-static"):
+        from transformers import CompileConfig
+
+        kwargs["compile_config"] = CompileConfig()
+        kwargs["compile_config"]._compile_all_devices = True  # generate compiles on accelerators only, unless told
     _free(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -443,7 +455,14 @@ class Runner:
             row = generate_once(self.model, "spectralkv-static", batch, args.context, new_tokens, args, cache=cache,
                                 filled=False)
             row["attn_implementation"] = self.model.config._attn_implementation
-            compiled = self.model._valid_auto_compile_criteria({"cache": cache}, self.model.generation_config)
+            config = self.model.generation_config
+            if args.cpu_compile:
+                from transformers import CompileConfig
+
+                config = copy.copy(config)
+                config.compile_config = CompileConfig()
+                config.compile_config._compile_all_devices = True
+            compiled = self.model._valid_auto_compile_criteria({"cache": cache}, config)
             row["note"] = "compiled decode step" if compiled else "eager decode steps (generate compiles on CUDA)"
         finally:
             self.model.set_attn_implementation(previous)
