@@ -314,12 +314,14 @@ def _free(device: torch.device) -> None:
 
 
 def generate_once(model: torch.nn.Module, method: str, batch: int, context: int, new_tokens: int,
-                  args: argparse.Namespace, cache: Any = None, filled: bool | None = None) -> dict[str, Any]:
+                  args: argparse.Namespace, cache: Any = None, filled: bool | None = None,
+                  capacity: int | None = None) -> dict[str, Any]:
     """One timed ``generate``; the caller attaches/detaches spectralkv. Raises on out-of-memory.
 
     With ``cache`` generate uses it; ``filled`` (default: whether a cache is given) says it already holds the first
     ``context - 1`` tokens (see :func:`filled_cache`), so generate runs only the prompt's last token before decoding:
-    ``prefill_s`` is then that one step."""
+    ``prefill_s`` is then that one step. ``capacity``: what ``fp16-static`` preallocates (default: this call's
+    prompt + new tokens - 1, as generate sizes it)."""
     from transformers import StoppingCriteriaList
 
     from spectralkv.compat import cache_kwarg
@@ -338,9 +340,8 @@ def generate_once(model: torch.nn.Module, method: str, batch: int, context: int,
         kwargs[cache_kwarg(model)] = cache
     elif method == "fp16-static":
         kwargs["cache_implementation"] = "static"
-        # sized for the timed run in the warm-up too: the same cache (shapes, addresses) is reused, so the warm-up
-        # pays the compilation and the CUDA-graph capture, not the timed run
-        kwargs["max_cache_len"] = max(args.context, context) + max(args.new_tokens, new_tokens)
+        if capacity is not None:  # the warm-up sized for the timed run: generate reuses the same cache (shapes,
+            kwargs["max_cache_len"] = capacity  # addresses), so the warm-up pays the compilation, not the timed run
     if args.prefill_chunk and not filled:
         kwargs["prefill_chunk_size"] = args.prefill_chunk
     if getattr(args, "cpu_compile", False) and dev.type == "cpu" and method in ("fp16-static", "spectralkv-static"):
@@ -420,14 +421,16 @@ class Runner:
                 del cache
                 row["note"] = "cache filled with random tokens (no prefill)"
             else:
+                capacity = args.context + new_tokens - 1  # the timed run's, in its warm-up too
                 key = (method, bits, batch, flush_block)
                 if args.warmup_tokens and key not in self.warm:
                     # long enough for two full prefill flush chunks and a ragged one, so the Triton write kernel is
                     # compiled for every token count the real prefill uses, and the timed prefill compiles nothing
                     short = min(args.context, 2 * FLUSH_CHUNK + args.window + args.sinks + 8)
-                    generate_once(self.model, method, batch, short, max(2, args.warmup_tokens), args)
+                    generate_once(self.model, method, batch, short, max(2, args.warmup_tokens), args,
+                                  capacity=capacity)
                     self.warm.add(key)
-                row = generate_once(self.model, method, batch, args.context, new_tokens, args)
+                row = generate_once(self.model, method, batch, args.context, new_tokens, args, capacity=capacity)
             row["attn_implementation"] = self.model.config._attn_implementation  # as it ran (attached or not)
         finally:
             detach(self.model)

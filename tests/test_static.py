@@ -94,6 +94,21 @@ def test_reset_reuses_the_buffers(fused_llama: Any, tiny_llama_calibration: Any)
     assert report["codes_bytes"] > 0 and report["max_cache_len"] == PROMPT + NEW
 
 
+def test_beam_search_reorders_in_place(fused_llama: Any, tiny_llama_calibration: Any) -> None:
+    """Beam search reorders the static buffers in place, with the growing fused cache's result."""
+    from spectralkv.fused import FusedSpectralKVCache
+
+    cfg = tiny_llama_calibration.without_outliers()
+    ids = prompt(batch=1)
+    kwargs = dict(num_beams=3, num_return_sequences=2)
+    want = generate(fused_llama, FusedSpectralKVCache(fused_llama, cfg, window=WINDOW, sink_tokens=SINKS,
+                                                      backend="torch"), ids, **kwargs)
+    cache = static_cache(fused_llama, cfg)
+    got = generate(fused_llama, cache, ids, **kwargs)
+    assert cache.layers[0].keys.shape[0] == 3  # one row per beam
+    assert torch.equal(got.sequences, want.sequences)
+
+
 def test_compiled_decode_is_one_graph(fused_llama: Any, tiny_llama_calibration: Any) -> None:
     """``generate`` compiles the decode step (fullgraph, through AOT autograd's functionalisation of the in-place
     updates) once: every later step and a second generate after ``reset`` reuse it, with the eager result."""
@@ -178,6 +193,16 @@ def test_refuses_overflow_and_chunked_steps(fused_llama: Any, tiny_llama_calibra
         fused_llama(input_ids=prompt(length=2), cache=cache)
     with pytest.raises(ValueError, match="max_cache_len must be an integer"):
         static_cache(fused_llama, cfg, max_cache_len=0)
+
+
+def test_refuses_soft_capping_models(tiny_gemma2: Any, tiny_gemma2_calibration: Any) -> None:
+    """Gemma2 soft-caps attention logits; the kernel does not, so the cache refuses before anything runs."""
+    from spectralkv.fused import enable_fused
+
+    model = copy.deepcopy(tiny_gemma2)
+    enable_fused(model)
+    with pytest.raises(ValueError, match="soft-caps its attention logits"):
+        static_cache(model, tiny_gemma2_calibration.without_outliers())
 
 
 def test_refuses_uncompressed_full_attention_layers(fused_llama: Any, tiny_llama_calibration: Any) -> None:

@@ -296,6 +296,11 @@ class StaticSpectralKVCache(Cache):
             raise ValueError(
                 f"StaticSpectralKVCache needs the {FUSED_ATTENTION!r} attention implementation (the model uses "
                 f"{attn!r}): call spectralkv.fused.enable_fused(model) first.")
+        softcap = getattr(_model_config(model), "attn_logit_softcapping", None)
+        if softcap:
+            raise ValueError(
+                f"This model soft-caps its attention logits ({softcap}), which the fused decode kernel does not do; "
+                "use SpectralKVCache (or FusedSpectralKVCache, which falls back to SDPA for such steps).")
         self.window = calibration.window if window is None else int(window)
         self.sink_tokens = calibration.sink_tokens if sink_tokens is None else int(sink_tokens)
         if self.window < 0 or self.sink_tokens < 0:
