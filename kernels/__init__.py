@@ -10,3 +10,22 @@ Importing this package never imports Triton: the kernel modules do, and are impo
 
 :mod:`spectralkv.fused` plugs them into transformers.
 """
+
+import sys as _sys
+
+if __name__ == "kernels":
+    # Imported under the top-level name because a checkout's root is on sys.path (``python -m`` or ``-c`` run there,
+    # a notebook started there): this folder would then shadow the Hugging Face ``kernels`` package, which
+    # transformers >= 5.25 imports with ``import transformers``. Hand the name over to the installed one; with none
+    # installed, stay an empty package without a version, which transformers reads as "not available".
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+    _rest = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _rest)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # what `import kernels` returns once this file has run
+        _spec.loader.exec_module(_module)

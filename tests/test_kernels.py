@@ -13,6 +13,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -522,6 +523,24 @@ def test_import_does_not_load_triton() -> None:
     assert kernels == "[]", out.stdout
     assert before == "True" or after == "False", out.stdout
 
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_checkout_root_does_not_shadow_hub_kernels(tmp_path: Path, installed: bool) -> None:
+    """From the repository root (on ``sys.path`` with ``python -m``/``-c``) ``import kernels`` must give the installed
+    Hugging Face ``kernels`` package, not this repo's ``kernels/`` folder: transformers >= 5.25 imports it and failed
+    on ours. A stand-in package on ``PYTHONPATH`` plays the installed one; without one (an empty ``PYTHONPATH``
+    entry, and site-packages left out with ``-S``), our folder stays an empty package without a version."""
+    root = Path(__file__).resolve().parents[1]
+    if installed:
+        (tmp_path / "kernels").mkdir()
+        (tmp_path / "kernels" / "__init__.py").write_text("__version__ = '0.19.1'\nfrom .sub import WHO\n")
+        (tmp_path / "kernels" / "sub.py").write_text("WHO = 'installed'\n")
+    code = "import kernels, sys; print(getattr(kernels, 'WHO', 'ours'), getattr(kernels, '__version__', None), " \
+           "sys.modules['kernels'] is kernels)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    args = [sys.executable] + ([] if installed else ["-S"]) + ["-c", code]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=root, env=env)
+    assert out.stdout.split() == (["installed", "0.19.1", "True"] if installed else ["ours", "None", "True"])
 
 def _generate(model: Any, cache: Any, attn: str, ids: torch.Tensor, mask: torch.Tensor) -> Any:
     model.set_attn_implementation(attn)
