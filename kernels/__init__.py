@@ -8,6 +8,9 @@ Importing this package never imports Triton: the kernel modules do, and are impo
 * :mod:`.decode_attention` (Triton): fused split-K decode attention from packed codes, ``decode_attention``
   (op ``spectralkv::decode_attention_packed``).
 
+* :mod:`.tracing`: registers the launchers as ``torch.library`` ops (``triton_op``; an opaque ``custom_op`` under
+  the interpreter) so ``torch.compile`` traces them.
+
 :mod:`spectralkv.fused` plugs them into transformers.
 """
 

@@ -22,8 +22,8 @@ The math is in :mod:`spectralkv.kernels.ref` (``decode_attention_ref``, which is
   ``[B, Hq, D]`` in the query dtype.
 
 So a decode step is three launches: the query product and the two stages. The launcher is registered as the
-``torch.library`` op ``spectralkv::decode_attention_packed`` (``triton_op`` + ``wrap_triton``), so
-``torch.compile`` can trace it.
+``torch.library`` op ``spectralkv::decode_attention_packed`` (``triton_op`` + ``wrap_triton``; under the
+interpreter an opaque ``custom_op``, see :mod:`.tracing`), so ``torch.compile`` can trace it.
 
 Lookup mode (constexpr ``UNPACK``): ``"gather"`` reads each coordinate's one or two bytes straight from global memory
 (served by L1, since a tile's bytes are contiguous); ``"register"`` loads the head's bytes of a tile once,
@@ -41,12 +41,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from spectralkv.quantizer import Outliers
 
 from .layout import TABLE_COLS, SpectralTables, tables_for
 from .ref import LOG2E, PackedSide, _check
+from .tracing import register_op, skip_launch
 
 UNPACK_MODES = ("gather", "register")
 LOOKUP_MODES = ("table", "select")
@@ -438,6 +439,8 @@ def _decode_attention_launch(
     vf = v_fp if has_window else q
     qk_scale = scaling * LOG2E
     block_g, block_d = _pow2(g), _pow2(d)
+    if skip_launch(_stage1_kernel, q):
+        return out
     if n_split:
         wrap_triton(_stage1_kernel)[(b, hkv, n_split)](
             qx,
@@ -492,10 +495,7 @@ def _decode_attention_launch(
 
 
 OP_NAME = "spectralkv::decode_attention_packed"
-if hasattr(torch.ops.spectralkv, "decode_attention_packed"):  # module imported twice (e.g. reloaded)
-    _decode_attention_op = torch.ops.spectralkv.decode_attention_packed
-else:
-    _decode_attention_op = triton_op(OP_NAME, mutates_args=())(_decode_attention_launch)
+_decode_attention_op = register_op(OP_NAME, _decode_attention_launch, _stage1_kernel)
 
 
 def decode_attention_launch(

@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from spectralkv.quantizer import SCALE_FLOOR, Outliers, SpectralQuantizer
 
 from .layout import TABLE_COLS, SpectralTables, tables_for
+from .tracing import register_op, skip_launch
 
 SCALE_NONE, SCALE_COMPUTE, SCALE_GIVEN = 0, 1, 2
 
@@ -154,7 +155,7 @@ def _encode_launch(
     else:
         mode, s = SCALE_GIVEN, scales
     s_out = s if mode == SCALE_COMPUTE else torch.empty(0, dtype=torch.float16, device=x.device)
-    if b * t == 0 or (row_bytes == 0 and not write_z and mode != SCALE_COMPUTE):
+    if b * t == 0 or (row_bytes == 0 and not write_z and mode != SCALE_COMPUTE) or skip_launch(_encode_kernel, x):
         return out, s_out, z
     strides = (s.stride(0), s.stride(1), s.stride(2)) if mode != SCALE_NONE else (0, 0, 0)
     wrap_triton(_encode_kernel)[(triton.cdiv(t, block_t), b, h)](
@@ -180,10 +181,7 @@ def _encode_launch(
 
 
 OP_NAME = "spectralkv::encode_packed"
-if hasattr(torch.ops.spectralkv, "encode_packed"):  # module imported twice (e.g. reloaded)
-    _encode_op = torch.ops.spectralkv.encode_packed
-else:
-    _encode_op = triton_op(OP_NAME, mutates_args=())(_encode_launch)
+_encode_op = register_op(OP_NAME, _encode_launch, _encode_kernel)
 
 
 def encode_launch(

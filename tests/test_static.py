@@ -109,24 +109,28 @@ def test_beam_search_reorders_in_place(fused_llama: Any, tiny_llama_calibration:
     assert torch.equal(got.sequences, want.sequences)
 
 
-def test_compiled_decode_is_one_graph(fused_llama: Any, tiny_llama_calibration: Any) -> None:
+@pytest.mark.parametrize("kernel_backend", ["torch", "triton"])
+def test_compiled_decode_is_one_graph(fused_llama: Any, tiny_llama_calibration: Any, kernel_backend: str) -> None:
     """``generate`` compiles the decode step (fullgraph, through AOT autograd's functionalisation of the in-place
-    updates) once: every later step and a second generate after ``reset`` reuse it, with the eager result."""
+    updates) once: every later step and a second generate after ``reset`` reuse it, with the eager result. With the
+    Triton kernels (the interpreter here) each is one ``spectralkv::`` op in the graph."""
     from transformers import CompileConfig
 
     cfg = tiny_llama_calibration.without_outliers()
-    eager = generate(fused_llama, static_cache(fused_llama, cfg), prompt())
+    eager = generate(fused_llama, static_cache(fused_llama, cfg, backend=kernel_backend), prompt())
     graphs: list[int] = []
+    ops: list[str] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         from torch._dynamo.backends.common import aot_autograd
 
         graphs.append(len(gm.graph.nodes))
+        ops.extend(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("spectralkv."))
         return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
 
     config = CompileConfig(backend=backend, fullgraph=True, mode=None)
     config._compile_all_devices = True  # generate compiles on CUDA only unless told
-    cache = static_cache(fused_llama, cfg)
+    cache = static_cache(fused_llama, cfg, backend=kernel_backend)
     try:
         compiled = generate(fused_llama, cache, prompt(), compile_config=config)
         cache.reset()
@@ -136,6 +140,13 @@ def test_compiled_decode_is_one_graph(fused_llama: Any, tiny_llama_calibration: 
             fused_llama.__dict__.pop(name, None)
         torch._dynamo.reset()
     assert len(graphs) == 1, f"{len(graphs)} graphs compiled (recompilation or graph break)"
+    layers = len(cache.layers)
+    if kernel_backend == "triton":  # per layer one attention op and one write per side, each an opaque node
+        assert sorted(set(ops)) == ["spectralkv.decode_attention_packed.default", "spectralkv.encode_packed.default"]
+        assert ops.count("spectralkv.decode_attention_packed.default") == layers
+        assert ops.count("spectralkv.encode_packed.default") == 2 * layers
+    else:
+        assert ops == []
     assert_same_generation(compiled, eager)
     assert torch.equal(again.sequences, eager.sequences)
 
