@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from spectralkv.quantizer import Outliers
+from spectralkv.quantizer import Outliers, SlotOutliers
 
 from .layout import TABLE_COLS, SpectralTables, tables_for
 from .ref import LOG2E, PackedSide, _check
@@ -363,10 +363,13 @@ def outlier_starts(counts: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum(flat, 0, dtype=torch.int32) - flat).view(counts.shape[1], counts.shape[0]).t()
 
 
-def _side_outliers(o: Outliers | None) -> tuple[torch.Tensor | None, ...]:
-    """(counts, starts, index, values) of one side for the op, or four Nones."""
+def _side_outliers(o: Outliers | SlotOutliers | None) -> tuple[torch.Tensor | None, ...]:
+    """(counts, starts, index, values) of one side for the op, or four Nones. Slot outliers keep their storage (the
+    kernel reads ``index``/``values`` at the flat offsets ``starts``, so a view into a larger buffer is fine)."""
     if o is None or o.values.numel() == 0:
         return (None, None, None, None)
+    if isinstance(o, SlotOutliers):
+        return (o.counts, o.flat_starts(), o.index, o.values)
     return (o.counts, outlier_starts(o.counts), o.index, o.values)
 
 
@@ -512,8 +515,8 @@ def decode_attention_launch(
     fp_mask: torch.Tensor | None,
     scaling: float,
     *,
-    k_outliers: Outliers | None = None,
-    v_outliers: Outliers | None = None,
+    k_outliers: Outliers | SlotOutliers | None = None,
+    v_outliers: Outliers | SlotOutliers | None = None,
     comp_lengths: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_t: int = 32,

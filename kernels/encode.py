@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from spectralkv.quantizer import SCALE_FLOOR, Outliers, SpectralQuantizer
+from spectralkv.quantizer import SCALE_FLOOR, Outliers, SlotOutliers, SpectralQuantizer
 
 from .layout import TABLE_COLS, SpectralTables, tables_for
 from .tracing import register_op, skip_launch
@@ -220,11 +220,14 @@ def spectral_encode(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torc
     return encode_launch(tables_for(quantizer, x.device), x)
 
 
-def spectral_encode_with_outliers(quantizer: SpectralQuantizer, x: torch.Tensor, *, block_t: int = 16
-                                  ) -> tuple[torch.Tensor, torch.Tensor | None, Outliers | None]:
-    """Drop-in for ``quantizer.encode_with_outliers(x)``: the kernel writes the codes and the coordinates they were
-    made from, and the exact outliers are picked from those on the host (an elementwise threshold and a cap)."""
-    tables = tables_for(quantizer, x.device)
+def spectral_encode_with_outliers(quantizer: SpectralQuantizer, x: torch.Tensor, *, block_t: int = 16,
+                                  slots: int | None = None, tables: SpectralTables | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor | None, Outliers | SlotOutliers | None]:
+    """Drop-in for ``quantizer.encode_with_outliers(x, slots=...)``: the kernel writes the codes and the coordinates
+    they were made from, and the exact outliers are picked from those (an elementwise threshold and a cap; in fixed
+    slots when ``slots`` is given). ``tables``: the quantizer's, when the caller holds them (a compiled step then
+    never looks them up, which would guard on the lookup cache)."""
+    tables = tables_for(quantizer, x.device) if tables is None else tables
     if quantizer.outlier_threshold is None:
         packed, scales = encode_launch(tables, x, block_t=block_t)
         return packed, scales, None
@@ -236,4 +239,5 @@ def spectral_encode_with_outliers(quantizer: SpectralQuantizer, x: torch.Tensor,
         tables.head_offset, tables.head_bytes, tables.row_bytes, tables.max_head_bytes, tables.token_scale,
         True, None, block_t, True,
     )
-    return packed, (s if tables.token_scale else None), quantizer.find_outliers(z)
+    found = quantizer.find_outliers(z) if slots is None else quantizer.find_slot_outliers(z, slots)
+    return packed, (s if tables.token_scale else None), found

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spectralkv.quantizer import Outliers, SpectralQuantizer
+from spectralkv.quantizer import Outliers, SlotOutliers, SpectralQuantizer
 
 from .layout import SpectralTables, tables_for
 
@@ -38,7 +38,7 @@ class PackedSide:
     quantizer: SpectralQuantizer
     codes: torch.Tensor  # [B, N, row_bytes] uint8
     scales: torch.Tensor | None  # [B, N, H] fp16
-    outliers: Outliers | None = None  # counts [B, N], token-major entries
+    outliers: Outliers | SlotOutliers | None = None  # CSR (counts [B, N], token-major entries) or fixed slots
 
     @property
     def length(self) -> int:
@@ -51,7 +51,7 @@ def encode_ref(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torch.Ten
 
 
 def decode_rotated_ref(tables: SpectralTables, codes: torch.Tensor, scales: torch.Tensor | None,
-                       outliers: Outliers | None = None) -> torch.Tensor:
+                       outliers: Outliers | SlotOutliers | None = None) -> torch.Tensor:
     """Packed rows ``[B, N, row_bytes]`` (and their outliers) -> standardised rotated coordinates ``[B, H, N, D]``.
 
     Same numbers as :meth:`SpectralQuantizer.decode_rotated`, computed the way the kernels do (one byte gather per

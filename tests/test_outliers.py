@@ -83,6 +83,32 @@ def test_cap_keeps_the_largest_per_token() -> None:
     assert torch.equal(mask, beyond & mask) and not torch.equal(mask, beyond)
 
 
+@pytest.mark.parametrize(("threshold", "cap"), [(2.5, None), (1.0, 3), (2.0, 2)])
+@pytest.mark.parametrize("token_scale", [False, True])
+def test_slot_outliers_are_the_csr_outliers(threshold: float, cap: int | None, token_scale: bool) -> None:
+    """Fixed slots (the static cache) hold the same exact coordinates as the CSR entries, with or without the cap
+    binding (threshold 1.0 gives many per token), and decode to the same values."""
+    from spectralkv.quantizer import SlotOutliers
+
+    q = make_quantizer(threshold, cap, token_scale)
+    x = heavy_tailed(2, 9, seed=3)
+    packed, scales, csr = q.encode_with_outliers(x)
+    packed_s, scales_s, slots = q.encode_with_outliers(x, slots=q.outlier_cap or H * D)
+    assert isinstance(slots, SlotOutliers) and torch.equal(packed_s, packed)
+    assert (scales is None and scales_s is None) or torch.equal(scales_s, scales)
+    assert slots.index.shape == (2, 9, cap or H * D) and slots.counts.dtype == csr.counts.dtype
+    assert torch.equal(slots.counts, csr.counts) and int(csr.counts.max()) > 0
+    if cap is not None and threshold == 1.0:
+        assert int(slots.counts.max()) == cap  # the cap binds
+    z = torch.zeros(2, H, 9, D)
+    assert torch.equal(q.apply_outliers(z.clone(), slots), q.apply_outliers(z.clone(), csr))
+    assert torch.equal(q.decode(packed, scales, torch.float32, slots), q.decode(packed, scales, torch.float32, csr))
+    # an index a dead slot may hold never leaks into the result
+    poisoned = SlotOutliers(slots.counts, slots.index, torch.where(
+        torch.arange(slots.index.shape[-1]) < slots.counts.unsqueeze(-1).long(), slots.values, 1e4))
+    assert torch.equal(q.apply_outliers(z.clone(), poisoned), q.apply_outliers(z.clone(), csr))
+
+
 def test_accounting_is_what_the_buffers_hold() -> None:
     q = make_quantizer(2.0)
     store = SpectralStore(q)

@@ -26,6 +26,21 @@ def fused_llama(tiny_llama: Any) -> Iterator[Any]:
         tiny_llama.set_attn_implementation(previous)
 
 
+@pytest.fixture(scope="module")
+def outlier_calibration(tiny_llama: Any) -> Any:
+    """A calibration of the tiny Llama that keeps exact outliers (beyond 2.5 std: a few per token)."""
+    cfg = tiny_calibrate(tiny_llama, outlier_thresholds=(2.5,))
+    assert cfg.outlier_threshold is not None and cfg.outlier_cap is not None
+    return cfg
+
+
+def calibration(request: Any, outliers: bool) -> Any:
+    """The module's calibration with exact outliers, or the shared one without."""
+    if outliers:
+        return request.getfixturevalue("outlier_calibration")
+    return request.getfixturevalue("tiny_llama_calibration").without_outliers()
+
+
 def prompt(batch: int = 2, length: int = PROMPT, seed: int = 0) -> torch.Tensor:
     return torch.randint(2, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -48,17 +63,19 @@ def assert_same_generation(got: Any, want: Any) -> None:
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
 
 
+@pytest.mark.parametrize("outliers", [False, True], ids=lambda o: "outliers" if o else "no-outliers")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("prompt_len", [PROMPT, 5], ids=lambda n: f"prompt={n}")
-def test_static_equals_growing_fused_cache(fused_llama: Any, tiny_llama_calibration: Any, backend: str,
-                                           prompt_len: int) -> None:
+def test_static_equals_growing_fused_cache(fused_llama: Any, request: Any, backend: str, prompt_len: int,
+                                           outliers: bool) -> None:
     """Same tokens compressed the same way as FusedSpectralKVCache(flush_block=1): same greedy tokens and logits, with
     the reference or the Triton kernels (interpreter), from a prompt longer than sinks + window and from one shorter
-    (the ring fills during decoding, sinks are written by decode steps)."""
+    (the ring fills during decoding, sinks are written by decode steps), with and without exact outliers (which the
+    static cache keeps in fixed slots, the growing one in CSR)."""
     from spectralkv.fused import FusedSpectralKVCache
     from spectralkv.static import StaticCompressedLayer
 
-    cfg = tiny_llama_calibration.without_outliers()
+    cfg = calibration(request, outliers)
     ids = prompt(length=prompt_len)
     want = generate(fused_llama, FusedSpectralKVCache(fused_llama, cfg, window=WINDOW, sink_tokens=SINKS,
                                                       backend=backend), ids)
@@ -76,6 +93,28 @@ def test_static_equals_growing_fused_cache(fused_llama: Any, tiny_llama_calibrat
     assert n == prompt_len + NEW - 1 - (WINDOW + 1) - SINKS
     for side, store in enumerate((ref.layers[0].key_store, ref.layers[0].value_store)):
         assert torch.equal(layer.codes[side][:, :n], store.codes.view()[:, :n])
+    if not outliers:
+        assert layer.slots == (0, 0) and layer.memory()["outliers"] == 0
+        return
+    # the same exact coordinates: the growing cache's CSR entries, scattered, equal the static slots, scattered
+    assert layer.slots == (cfg.outlier_cap, cfg.outlier_cap)
+    stores = (ref.layers[0].key_store, ref.layers[0].value_store)
+    for side, q in enumerate(layer.quantizers):
+        held = layer._packed(side).outliers
+        assert int(held.counts[:, :n].sum()) > 0, "the calibration kept no outliers in this text: the test is vacuous"
+        shape = (ids.shape[0], q.num_heads, n, q.head_dim)
+        want_z = q.apply_outliers(torch.zeros(shape), _first_tokens(stores[side].outliers.view(), n))
+        got_z = q.apply_outliers(torch.zeros(shape[:2] + (layer.rows, shape[3])), held)
+        assert torch.equal(got_z[:, :, :n], want_z)
+
+
+def _first_tokens(outliers: Any, n: int) -> Any:
+    """The CSR outliers of the first ``n`` tokens (token-major entries: a prefix)."""
+    from spectralkv.quantizer import Outliers
+
+    counts = outliers.counts[:, :n]
+    e = int(counts.sum())
+    return Outliers(counts, outliers.index[:e], outliers.values[:e])
 
 
 def test_reset_reuses_the_buffers(fused_llama: Any, tiny_llama_calibration: Any) -> None:
@@ -94,11 +133,12 @@ def test_reset_reuses_the_buffers(fused_llama: Any, tiny_llama_calibration: Any)
     assert report["codes_bytes"] > 0 and report["max_cache_len"] == PROMPT + NEW
 
 
-def test_beam_search_reorders_in_place(fused_llama: Any, tiny_llama_calibration: Any) -> None:
-    """Beam search reorders the static buffers in place, with the growing fused cache's result."""
+def test_beam_search_reorders_in_place(fused_llama: Any, outlier_calibration: Any) -> None:
+    """Beam search reorders the static buffers (codes and outlier slots) in place, with the growing fused cache's
+    result."""
     from spectralkv.fused import FusedSpectralKVCache
 
-    cfg = tiny_llama_calibration.without_outliers()
+    cfg = outlier_calibration
     ids = prompt(batch=1)
     kwargs = dict(num_beams=3, num_return_sequences=2)
     want = generate(fused_llama, FusedSpectralKVCache(fused_llama, cfg, window=WINDOW, sink_tokens=SINKS,
@@ -109,14 +149,16 @@ def test_beam_search_reorders_in_place(fused_llama: Any, tiny_llama_calibration:
     assert torch.equal(got.sequences, want.sequences)
 
 
+@pytest.mark.parametrize("outliers", [False, True], ids=lambda o: "outliers" if o else "no-outliers")
 @pytest.mark.parametrize("kernel_backend", ["torch", "triton"])
-def test_compiled_decode_is_one_graph(fused_llama: Any, tiny_llama_calibration: Any, kernel_backend: str) -> None:
+def test_compiled_decode_is_one_graph(fused_llama: Any, request: Any, kernel_backend: str, outliers: bool) -> None:
     """``generate`` compiles the decode step (fullgraph, through AOT autograd's functionalisation of the in-place
     updates) once: every later step and a second generate after ``reset`` reuse it, with the eager result. With the
-    Triton kernels (the interpreter here) each is one ``spectralkv::`` op in the graph."""
+    Triton kernels (the interpreter here) each is one ``spectralkv::`` op in the graph. Exact outliers in fixed slots
+    need no host synchronisation, so they compile too."""
     from transformers import CompileConfig
 
-    cfg = tiny_llama_calibration.without_outliers()
+    cfg = calibration(request, outliers)
     eager = generate(fused_llama, static_cache(fused_llama, cfg, backend=kernel_backend), prompt())
     graphs: list[int] = []
     ops: list[str] = []
@@ -170,11 +212,35 @@ def test_sliding_window_layers_stay_transformers_static(tiny_factory: Any) -> No
 
 
 # -- what static buffers cannot hold --------------------------------------------------------------------------------
-def test_refuses_outlier_calibrations(fused_llama: Any, tiny_llama: Any) -> None:
-    cfg = tiny_calibrate(tiny_llama, outlier_thresholds=(2.5,))
-    assert cfg.outlier_threshold is not None
-    with pytest.raises(ValueError, match=r"without_outliers\(\)"):
-        static_cache(fused_llama, cfg)
+def test_fewer_outlier_slots_keep_each_tokens_largest(fused_llama: Any, outlier_calibration: Any) -> None:
+    """``outlier_slots`` below the cap: smaller buffers, and each token keeps its largest outliers (what the
+    quantizer's slot finder picks with that many slots)."""
+    cap = outlier_calibration.outlier_cap
+    assert cap >= 2
+    full = static_cache(fused_llama, outlier_calibration)
+    one = static_cache(fused_llama, outlier_calibration, outlier_slots=1)
+    generate(fused_llama, full, prompt())
+    generate(fused_llama, one, prompt())
+    a, b = full.layers[0], one.layers[0]
+    assert b.slots == (1, 1) and a.slots == (cap, cap)
+    assert b.memory()["outliers"] < a.memory()["outliers"]
+    assert full.memory_report()["resident_bytes"] - one.memory_report()["resident_bytes"] == (
+        full.memory_report()["outliers_bytes"] - one.memory_report()["outliers_bytes"])
+    n = b.rows
+    for side in (0, 1):
+        many, single = a._packed(side).outliers, b._packed(side).outliers
+        # the token's largest outlier is the first slot of both (slots are in decreasing magnitude)
+        has = many.counts[:, :n] > 0
+        assert bool(has.any())
+        assert torch.equal(single.counts[:, :n], has.to(single.counts.dtype))
+        assert torch.equal(single.index[:, :n, 0][has], many.index[:, :n, 0][has])
+        assert torch.equal(single.values[:, :n, 0][has], many.values[:, :n, 0][has])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_refuses_bad_outlier_slots(fused_llama: Any, outlier_calibration: Any, bad: Any) -> None:
+    with pytest.raises(ValueError, match="outlier_slots must be an integer >= 1"):
+        static_cache(fused_llama, outlier_calibration, outlier_slots=bad)
 
 
 def test_refuses_other_attention(tiny_llama: Any, tiny_llama_calibration: Any) -> None:

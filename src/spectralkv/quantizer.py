@@ -57,6 +57,35 @@ class Outliers:
 
 
 @dataclass(frozen=True)
+class SlotOutliers:
+    """The exact coordinates of a block of tokens ``[B, T]`` in fixed slots: at most ``C`` per token (the static
+    cache, whose buffers cannot grow). Slots ``j >= counts[b, t]`` are unused; the used ones hold the token's largest
+    outliers (order within a token does not matter: every entry replaces a different coordinate).
+
+    ``starts`` (optional) is the flat offset of each token's first slot in the storage of ``index`` / ``values``,
+    which the Triton kernel reads; without it the launcher computes it from their strides."""
+
+    counts: torch.Tensor  # [B, T] uint8 (int16 when a token has more than 255 coordinates)
+    index: torch.Tensor  # [B, T, C] uint8 (int16 when H * D > 256): head * D + coordinate, packing order
+    values: torch.Tensor  # [B, T, C] fp16
+    starts: torch.Tensor | None = None  # [B, T] int32/int64
+
+    def flat_starts(self) -> torch.Tensor:
+        """``[B, T]`` offset of each token's first slot (from the strides of ``index``, shared with ``values``)."""
+        if self.starts is not None:
+            return self.starts
+        return slot_starts(self.index.shape[0], self.index.shape[1], self.index.stride(0), self.index.stride(1),
+                           self.index.device)
+
+
+def slot_starts(batch: int, tokens: int, stride_b: int, stride_t: int, device: torch.device | str) -> torch.Tensor:
+    """``[B, T]`` flat offsets ``b * stride_b + t * stride_t`` (int32 unless they need 64 bits)."""
+    dtype = torch.int32 if (batch - 1) * stride_b + (tokens - 1) * stride_t < 2**31 else torch.int64
+    b = torch.arange(batch, device=device, dtype=dtype).unsqueeze(1) * stride_b
+    return b + torch.arange(tokens, device=device, dtype=dtype).unsqueeze(0) * stride_t
+
+
+@dataclass(frozen=True)
 class CoordinateTables:
     """Per-coordinate tables of a quantizer, index ``h * D + e`` (packing order), on one device."""
 
@@ -275,9 +304,28 @@ class SpectralQuantizer:
         return Outliers(counts.to(torch.uint8 if self.coords <= 255 else torch.int16),
                         idx.to(torch.uint8 if self.coords <= 256 else torch.int16), values)
 
+    def find_slot_outliers(self, z: torch.Tensor, slots: int | None = None) -> SlotOutliers | None:
+        """:meth:`find_outliers` with static shapes: the ``slots`` (default ``outlier_cap``) largest coordinates of
+        each token, of which those beyond the threshold are used. The same set as :meth:`find_outliers` whenever
+        ``slots`` is the cap (up to exact ties in magnitude at the cap), with no host synchronisation, so a compiled
+        decode step can run it."""
+        if self.outlier_threshold is None:
+            return None
+        b, h, t, d = z.shape
+        cap = slots if slots is not None else self.outlier_cap
+        cap = h * d if cap is None else min(int(cap), h * d)
+        zt = z.permute(0, 2, 1, 3).reshape(b, t, h * d)
+        mag, idx = zt.abs().topk(cap, dim=-1)  # sorted: the used slots come first
+        counts = (mag > self.outlier_threshold).sum(-1)
+        values = zt.gather(-1, idx).to(torch.float16)
+        return SlotOutliers(counts.to(torch.uint8 if self.coords <= 255 else torch.int16),
+                            idx.to(torch.uint8 if self.coords <= 256 else torch.int16), values)
+
     @staticmethod
-    def apply_outliers(z: torch.Tensor, outliers: Outliers | None) -> torch.Tensor:
+    def apply_outliers(z: torch.Tensor, outliers: Outliers | SlotOutliers | None) -> torch.Tensor:
         """Write the exact coordinates into ``z`` ``[B, H, T, D]`` (in place; returned)."""
+        if isinstance(outliers, SlotOutliers):
+            return _apply_slot_outliers(z, outliers)
         if outliers is None or outliers.values.numel() == 0:
             return z
         b, h, t, d = z.shape
@@ -286,8 +334,10 @@ class SpectralQuantizer:
         z[rows, idx // d, toks, idx % d] = outliers.values.to(z.dtype)
         return z
 
-    def encode_with_outliers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Outliers | None]:
-        """Like :meth:`encode`, plus the exact outliers (None when the threshold is off).
+    def encode_with_outliers(self, x: torch.Tensor, *, slots: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, Outliers | SlotOutliers | None]:
+        """Like :meth:`encode`, plus the exact outliers (None when the threshold is off); with ``slots`` they come
+        in fixed slots (:meth:`find_slot_outliers`, for the static cache).
 
         All heads and regimes at once through per-coordinate tables (byte, shift, boundaries): the same rows as
         packing each regime with :func:`spectralkv.packing.pack` (the tests check it), without a Python loop per
@@ -298,7 +348,7 @@ class SpectralQuantizer:
             scales = z.pow(2).mean(-1).sqrt().clamp_min(SCALE_FLOOR).to(torch.float16)  # [B, H, T]
             z = z / scales.float().unsqueeze(-1)
             scales = scales.transpose(1, 2).contiguous()
-        outliers = self.find_outliers(z)
+        outliers = self.find_outliers(z) if slots is None else self.find_slot_outliers(z, slots)
         b, _, t, _ = z.shape
         tab = self.coordinate_tables(x.device)
         val = self._codes(z).to(torch.int32) << tab.shift  # at most 15 bits: a code spans at most two bytes
@@ -309,7 +359,7 @@ class SpectralQuantizer:
         return rows[..., : self.row_bytes].to(torch.uint8), scales, outliers
 
     def decode_rotated(self, packed: torch.Tensor, scales: torch.Tensor | None,
-                       outliers: Outliers | None = None) -> torch.Tensor:
+                       outliers: Outliers | SlotOutliers | None = None) -> torch.Tensor:
         """Packed rows -> reconstructed standardised coordinates ``[B, H, T, D]`` (packing order, float32)."""
         b, t, _ = packed.shape
         if self.row_bytes == 0:  # every coordinate at 0 bits
@@ -326,7 +376,7 @@ class SpectralQuantizer:
         return z
 
     def decode(self, packed: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
-               outliers: Outliers | None = None) -> torch.Tensor:
+               outliers: Outliers | SlotOutliers | None = None) -> torch.Tensor:
         """Packed rows (and their outliers) -> ``[B, H, T, D]`` keys or values in ``dtype``."""
         mean, _, dec, _ = self._on(packed.device)
         z = self.decode_rotated(packed, scales, outliers)
@@ -351,3 +401,16 @@ class SpectralQuantizer:
         if scales is not None:
             zq = zq * scales
         return (torch.einsum("bhte,hed->bhtd", zq, dec) + mean[:, None, :]).to(x.dtype)
+
+
+def _apply_slot_outliers(z: torch.Tensor, outliers: SlotOutliers) -> torch.Tensor:
+    """Static-shape scatter of slot outliers into ``z`` ``[B, H, T, D]``: unused slots write into a padding column,
+    so no data-dependent shape (or duplicate index) appears."""
+    b, h, t, d = z.shape
+    c = outliers.index.shape[-1]
+    used = torch.arange(c, device=z.device) < outliers.counts.unsqueeze(-1).long()  # [B, T, C]
+    idx = torch.where(used, outliers.index.long(), h * d)
+    flat = torch.cat([z.permute(0, 2, 1, 3).reshape(b, t, h * d), z.new_zeros(b, t, 1)], dim=-1)
+    flat.scatter_(-1, idx, outliers.values.to(z.dtype))
+    z.copy_(flat[..., : h * d].reshape(b, t, h, d).permute(0, 2, 1, 3))
+    return z

@@ -21,6 +21,11 @@ Layout of one layer, with ``S`` sink tokens, a window of ``W`` and ``R = W + 1``
   ring of the most recent tokens; position ``p >= S`` lives in slot ``S + (p - S) % R``.
 * code rows ``[B, max_cache_len - S + 1, row_bytes]`` (and fp16 scales): position ``p >= S`` is row ``p - S``;
   the last row is scratch, written by steps that have nothing to compress yet.
+* with a calibration that keeps exact outliers, per row a count and ``C`` fixed slots (index and fp16 value,
+  :class:`~spectralkv.quantizer.SlotOutliers`): a token keeps its ``C`` largest outliers, ``C`` being the
+  calibration's per-token cap by default (4x its average, so the growing cache keeps the same ones) or
+  ``outlier_slots``. Static buffers pay for every slot: on SmolLM2's default calibration (cap 5, 1-byte indices)
+  16 bytes per token, layer and side against ~3.4 on average in the growing cache.
 
 A decode step at position ``p``: the token at ``p - R`` (whose ring slot the new token takes) is encoded into its row,
 the new token is written into slot ``p``, and attention reads rows ``[0, p - W - S)`` plus the sinks and the ring,
@@ -29,9 +34,8 @@ through ``comp_lengths`` and a slot mask (tensors). Those are the same tokens, c
 
 The prefill runs eagerly (its length is a shape anyway): it attends to its own full-precision tokens with SDPA and
 fills the buffers. Decode steps ignore transformers' mask (they know which slots hold tokens), so what this cache
-does not do, it refuses: exact outliers (their number per token varies: use ``calibration.without_outliers()``),
-padded batches (use :class:`FusedSpectralKVCache`), multi-token steps after the prefill, and calibrations that leave a
-full-attention layer uncompressed (its mask would have another length).
+does not do, it refuses: padded batches (use :class:`FusedSpectralKVCache`), multi-token steps after the prefill,
+and calibrations that leave a full-attention layer uncompressed (its mask would have another length).
 """
 
 from __future__ import annotations
@@ -45,11 +49,34 @@ from .cache import _model_config, left_padding
 from .config import SpectralKVConfig
 from .fused import BACKENDS, FUSED_ATTENTION, StaticDecodeView, _kernels, default_backend, use_triton
 from .layer_base import FLUSH_CHUNK
-from .quantizer import SpectralQuantizer
+from .quantizer import SlotOutliers, SpectralQuantizer, slot_starts
 
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _check_slots(outlier_slots: int | None) -> None:
+    if outlier_slots is not None and (isinstance(outlier_slots, bool) or not isinstance(outlier_slots, int)
+                                      or outlier_slots < 1):
+        raise ValueError(f"outlier_slots must be an integer >= 1 or None (the calibration's cap), got "
+                         f"{outlier_slots!r}.")
+
+
+def _slots(q: SpectralQuantizer, outlier_slots: int | None) -> int:
+    """Exact-outlier slots per token for ``q`` (0 when it keeps none)."""
+    if q.outlier_threshold is None:
+        return 0
+    cap = outlier_slots if outlier_slots is not None else q.outlier_cap
+    return q.coords if cap is None else min(int(cap), q.coords)
+
+
+def _count_dtype(q: SpectralQuantizer) -> torch.dtype:
+    return torch.uint8 if q.coords <= 255 else torch.int16
+
+
+def _index_dtype(q: SpectralQuantizer) -> torch.dtype:
+    return torch.uint8 if q.coords <= 256 else torch.int16
 
 
 class StaticCompressedLayer(CacheLayerMixin):
@@ -60,17 +87,16 @@ class StaticCompressedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, quantizer_k: SpectralQuantizer, quantizer_v: SpectralQuantizer, sink_tokens: int, window: int,
-                 max_cache_len: int, backend: str = "auto") -> None:
+                 max_cache_len: int, backend: str = "auto", outlier_slots: int | None = None,
+                 shared: dict[Any, torch.Tensor] | None = None) -> None:
         super().__init__()
-        for q in (quantizer_k, quantizer_v):
-            if q.outlier_threshold is not None:
-                raise ValueError(
-                    "This calibration keeps exact outliers, whose number per token varies, so they cannot live in "
-                    "static buffers. Pass `calibration.without_outliers()` (the allocation is recomputed with their "
-                    "bits), or use FusedSpectralKVCache.")
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an integer >= 1 (prompt + new tokens), got {max_cache_len!r}.")
+        _check_slots(outlier_slots)
         self.quantizers = (quantizer_k, quantizer_v)
+        # exact-outlier slots per token and side (0: the quantizer keeps none)
+        self.slots = tuple(_slots(q, outlier_slots) for q in self.quantizers)
+        self._shared = {} if shared is None else shared  # slot offsets, one tensor for all layers of a cache
         self.sink_tokens, self.window, self.max_cache_len = int(sink_tokens), int(window), max_cache_len
         self.ring = self.window + 1
         self.rows = max(0, max_cache_len - self.sink_tokens)  # code rows (plus one scratch row)
@@ -90,10 +116,23 @@ class StaticCompressedLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(b, h, slots, d)  # ``keys``/``values`` as transformers' layers name them
         self.values = value_states.new_zeros(b, h, slots, value_states.shape[-1])
         self.codes, self.scales = [], []
-        for q in self.quantizers:
+        self.out_counts: list[torch.Tensor | None] = []
+        self.out_index: list[torch.Tensor | None] = []
+        self.out_values: list[torch.Tensor | None] = []
+        self.out_starts: torch.Tensor | None = None
+        for q, c in zip(self.quantizers, self.slots, strict=True):
             self.codes.append(torch.zeros(b, self.rows + 1, q.row_bytes, dtype=torch.uint8, device=dev))
             self.scales.append(torch.zeros(b, self.rows + 1, h, dtype=torch.float16, device=dev)
                                if q.token_scale else None)
+            self.out_counts.append(torch.zeros(b, self.rows + 1, dtype=_count_dtype(q), device=dev) if c else None)
+            self.out_index.append(torch.zeros(b, self.rows + 1, c, dtype=_index_dtype(q), device=dev) if c else None)
+            self.out_values.append(torch.zeros(b, self.rows + 1, c, dtype=torch.float16, device=dev) if c else None)
+            if not c:
+                continue
+            key = (b, self.rows, c, str(dev))  # same shape and strides in every layer: one offsets tensor
+            if key not in self._shared:
+                self._shared[key] = slot_starts(b, self.rows, (self.rows + 1) * c, c, dev)
+            self.out_starts = self._shared[key]
         self.cumulative_length = self.cumulative_length.to(dev)
         self._slot_index = torch.arange(slots, device=dev)
         self.triton = use_triton(self.backend, dev)
@@ -102,7 +141,7 @@ class StaticCompressedLayer(CacheLayerMixin):
             self.num_splits = _kernels()[0].default_num_splits(b, h, max(1, self.rows), 32, dev)
         self.tables = tuple(tables_for(q, dev) for q in self.quantizers)
         if not _is_compiling():  # fixed addresses: no recompilation or CUDA-graph skip when updated in place
-            for t in (self.keys, self.values, self.cumulative_length, *self.codes, *self.scales):
+            for t in (self.keys, self.values, self.cumulative_length, *self._row_buffers(), self.out_starts):
                 if t is not None:
                     torch._dynamo.mark_static_address(t)
         self.is_initialized = True
@@ -116,21 +155,35 @@ class StaticCompressedLayer(CacheLayerMixin):
         rel = pos - self.sink_tokens
         return torch.where((rel >= 0) & (rel < self.rows), rel, self.rows)
 
-    def _encode(self, side: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _row_buffers(self) -> list[torch.Tensor]:
+        """Every buffer with one entry per code row (what a write fills and beam search reorders)."""
+        return [t for t in (*self.codes, *self.scales, *self.out_counts, *self.out_index, *self.out_values)
+                if t is not None]
+
+    def _encode(self, side: int, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None, SlotOutliers | None]:
+        q, c = self.quantizers[side], self.slots[side]
         if self.triton:
-            return _kernels()[1].encode_launch(self.tables[side], x)
-        return self.quantizers[side].encode(x)
+            if c:
+                return _kernels()[1].spectral_encode_with_outliers(q, x, slots=c, tables=self.tables[side])
+            return (*_kernels()[1].encode_launch(self.tables[side], x), None)
+        if c:
+            return q.encode_with_outliers(x, slots=c)
+        return (*q.encode(x), None)
 
     def _write_rows(self, side: int, x: torch.Tensor, rows: torch.Tensor | slice) -> None:
-        packed, scales = self._encode(side, x)
-        if isinstance(rows, slice):
-            self.codes[side][:, rows] = packed
-            if scales is not None:
-                self.scales[side][:, rows] = scales
-            return
-        self.codes[side].index_copy_(1, rows, packed)
-        if scales is not None:
-            self.scales[side].index_copy_(1, rows, scales)
+        packed, scales, outliers = self._encode(side, x)
+        parts = [(self.codes[side], packed), (self.scales[side], scales)]
+        if outliers is not None:
+            parts += [(self.out_counts[side], outliers.counts), (self.out_index[side], outliers.index),
+                      (self.out_values[side], outliers.values)]
+        for buffer, new in parts:
+            if buffer is None or new is None:
+                continue
+            if isinstance(rows, slice):
+                buffer[:, rows] = new
+            else:
+                buffer.index_copy_(1, rows, new)
 
     # -- update ------------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -213,9 +266,13 @@ class StaticCompressedLayer(CacheLayerMixin):
     def _packed(self, side: int) -> Any:
         from .kernels.ref import PackedSide
 
-        scales = self.scales[side]
-        return PackedSide(self.quantizers[side], self.codes[side][:, : self.rows],
-                          None if scales is None else scales[:, : self.rows])
+        scales, n = self.scales[side], self.rows
+        outliers = None
+        if self.slots[side]:
+            outliers = SlotOutliers(self.out_counts[side][:, :n], self.out_index[side][:, :n],
+                                    self.out_values[side][:, :n], self.out_starts)
+        return PackedSide(self.quantizers[side], self.codes[side][:, :n], None if scales is None else scales[:, :n],
+                          outliers)
 
     # -- what transformers asks ------------------------------------------------------------------------------------
     def get_seq_length(self) -> Any:
@@ -244,9 +301,8 @@ class StaticCompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         idx = beam_idx.to(self.device)
-        for t in (self.keys, self.values, *self.codes, *self.scales):
-            if t is not None:
-                t.copy_(t.index_select(0, idx))
+        for t in (self.keys, self.values, *self._row_buffers()):
+            t.copy_(t.index_select(0, idx))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -256,12 +312,13 @@ class StaticCompressedLayer(CacheLayerMixin):
     def memory(self) -> dict[str, int]:
         """Allocated bytes by part (static: the whole capacity, whatever is in use)."""
         if not self.is_initialized:
-            return {"codes": 0, "metadata": 0, "fp_slots": 0}
+            return {"codes": 0, "metadata": 0, "outliers": 0, "fp_slots": 0}
 
         def nb(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.numel() * t.element_size()
 
         return {"codes": sum(map(nb, self.codes)), "metadata": sum(map(nb, self.scales)),
+                "outliers": sum(map(nb, (*self.out_counts, *self.out_index, *self.out_values))),
                 "fp_slots": nb(self.keys) + nb(self.values)}
 
 
@@ -271,17 +328,20 @@ class StaticSpectralKVCache(Cache):
     Args:
         model: the model (or its config); checked against the calibration. Its attention implementation must be
             ``"spectralkv_fused"`` (:func:`spectralkv.fused.enable_fused`).
-        calibration: a :class:`SpectralKVConfig` (or a path / Hub id); no exact outliers.
+        calibration: a :class:`SpectralKVConfig` (or a path / Hub id).
         max_cache_len: tokens the cache can hold (prompt + new tokens).
         bits, window, sink_tokens: as for :class:`~spectralkv.cache.SpectralKVCache`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`spectralkv.fused`).
+        outlier_slots: exact outliers kept per token, layer and side, for calibrations that keep them (default: the
+            calibration's cap, which keeps what the growing caches keep; fewer save memory, each token then keeping
+            its largest).
 
     Sliding-window layers use transformers' own static layers.
     """
 
     def __init__(self, model: Any, calibration: SpectralKVConfig | str, *, max_cache_len: int,
                  bits: float | None = None, window: int | None = None, sink_tokens: int | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, outlier_slots: int | None = None) -> None:
         if not isinstance(calibration, SpectralKVConfig):
             calibration = SpectralKVConfig.from_pretrained(calibration)
         calibration.check_compatible(model)
@@ -305,14 +365,16 @@ class StaticSpectralKVCache(Cache):
         self.sink_tokens = calibration.sink_tokens if sink_tokens is None else int(sink_tokens)
         if self.window < 0 or self.sink_tokens < 0:
             raise ValueError(f"window and sink_tokens must be >= 0, got {self.window} and {self.sink_tokens}.")
+        _check_slots(outlier_slots)
         quantizers = calibration.quantizers()
+        shared: dict[Any, torch.Tensor] = {}
         layer_types, layer_kwargs = get_layer_types_and_kwargs(_model_config(model))
         compressed = set(calibration.compressed_layers)
         layers: list[CacheLayerMixin] = []
         for i, (lt, kw) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if i in compressed:
                 layers.append(StaticCompressedLayer(quantizers[(i, "k")], quantizers[(i, "v")], self.sink_tokens,
-                                                    self.window, max_cache_len, self.backend))
+                                                    self.window, max_cache_len, self.backend, outlier_slots, shared))
             elif lt in ("full_attention", "chunked_attention") or lt not in STATIC_LAYER_TYPE_MAPPING:
                 raise ValueError(
                     f"Layer {i} ({lt}) is not compressed by this calibration; StaticSpectralKVCache compresses every "
@@ -335,7 +397,7 @@ class StaticSpectralKVCache(Cache):
 
     def memory_report(self) -> dict[str, Any]:
         """Allocated bytes by part (static buffers: the capacity, whatever is in use) and the tokens held."""
-        totals = {"codes": 0, "metadata": 0, "fp_slots": 0, "other_layers": 0}
+        totals = {"codes": 0, "metadata": 0, "outliers": 0, "fp_slots": 0, "other_layers": 0}
         compressed = 0
         for layer in self.layers:
             if isinstance(layer, StaticCompressedLayer):
