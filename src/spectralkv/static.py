@@ -25,7 +25,7 @@ Layout of one layer, with ``S`` sink tokens, a window of ``W`` and ``R = W + 1``
   :class:`~spectralkv.quantizer.SlotOutliers`): a token keeps its ``C`` largest outliers, ``C`` being the
   calibration's per-token cap by default (4x its average, so the growing cache keeps the same ones) or
   ``outlier_slots``. Static buffers pay for every slot: on SmolLM2's default calibration (cap 5, 1-byte indices)
-  16 bytes per token, layer and side against ~3.4 on average in the growing cache.
+  16 bytes per token, layer and side against ~4.3 on average in the growing cache.
 
 A decode step at position ``p``: the token at ``p - R`` (whose ring slot the new token takes) is encoded into its row,
 the new token is written into slot ``p``, and attention reads rows ``[0, p - W - S)`` plus the sinks and the ring,
