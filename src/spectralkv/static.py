@@ -119,7 +119,7 @@ class StaticCompressedLayer(CacheLayerMixin):
         self.out_counts: list[torch.Tensor | None] = []
         self.out_index: list[torch.Tensor | None] = []
         self.out_values: list[torch.Tensor | None] = []
-        self.out_starts: torch.Tensor | None = None
+        self.out_starts: list[torch.Tensor | None] = []  # flat slot offsets (shared by layers with the same shape)
         for q, c in zip(self.quantizers, self.slots, strict=True):
             self.codes.append(torch.zeros(b, self.rows + 1, q.row_bytes, dtype=torch.uint8, device=dev))
             self.scales.append(torch.zeros(b, self.rows + 1, h, dtype=torch.float16, device=dev)
@@ -127,12 +127,10 @@ class StaticCompressedLayer(CacheLayerMixin):
             self.out_counts.append(torch.zeros(b, self.rows + 1, dtype=_count_dtype(q), device=dev) if c else None)
             self.out_index.append(torch.zeros(b, self.rows + 1, c, dtype=_index_dtype(q), device=dev) if c else None)
             self.out_values.append(torch.zeros(b, self.rows + 1, c, dtype=torch.float16, device=dev) if c else None)
-            if not c:
-                continue
-            key = (b, self.rows, c, str(dev))  # same shape and strides in every layer: one offsets tensor
-            if key not in self._shared:
+            key = (b, self.rows, c, str(dev))
+            if c and key not in self._shared:
                 self._shared[key] = slot_starts(b, self.rows, (self.rows + 1) * c, c, dev)
-            self.out_starts = self._shared[key]
+            self.out_starts.append(self._shared[key] if c else None)
         self.cumulative_length = self.cumulative_length.to(dev)
         self._slot_index = torch.arange(slots, device=dev)
         self.triton = use_triton(self.backend, dev)
@@ -141,7 +139,7 @@ class StaticCompressedLayer(CacheLayerMixin):
             self.num_splits = _kernels()[0].default_num_splits(b, h, max(1, self.rows), 32, dev)
         self.tables = tuple(tables_for(q, dev) for q in self.quantizers)
         if not _is_compiling():  # fixed addresses: no recompilation or CUDA-graph skip when updated in place
-            for t in (self.keys, self.values, self.cumulative_length, *self._row_buffers(), self.out_starts):
+            for t in (self.keys, self.values, self.cumulative_length, *self._row_buffers(), *self.out_starts):
                 if t is not None:
                     torch._dynamo.mark_static_address(t)
         self.is_initialized = True
@@ -270,7 +268,7 @@ class StaticCompressedLayer(CacheLayerMixin):
         outliers = None
         if self.slots[side]:
             outliers = SlotOutliers(self.out_counts[side][:, :n], self.out_index[side][:, :n],
-                                    self.out_values[side][:, :n], self.out_starts)
+                                    self.out_values[side][:, :n], self.out_starts[side])
         return PackedSide(self.quantizers[side], self.codes[side][:, :n], None if scales is None else scales[:, :n],
                           outliers)
 
