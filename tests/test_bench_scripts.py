@@ -383,6 +383,36 @@ def test_synthetic_calibration_is_a_valid_artifact(gen: ModuleType, tmp_path: Pa
     assert int(bits.max()) > int(bits.min())  # log-spaced spectrum: leading coordinates get more bits
 
 
+def test_generate_outlier_fraction(gen: ModuleType) -> None:
+    """``--outlier-fraction`` gives the synthetic calibration exact outliers (Gaussian threshold, a calibration's
+    cap), and both spectralkv caches then store them through the benchmark's own paths."""
+    from spectralkv.fused import enable_fused
+    from spectralkv.static import StaticSpectralKVCache
+
+    with pytest.raises(SystemExit):
+        gen.parse_args(["--device", "cpu", "--tiny", "--outlier-fraction", "1.5"])
+    args = gen.parse_args(["--device", "cpu", "--tiny", "--outlier-fraction", "0.01"])
+    runner = gen.Runner(gen.build_model(args), args)
+    cfg = runner.calibration(2.5)
+    assert cfg.outlier_threshold == pytest.approx(2.5758, abs=1e-3) and cfg.outlier_fraction == 0.01
+    assert gen.synthetic_calibration(runner.model, 2.5, 8, 2).outlier_threshold is None  # the default: none
+    grown = gen.filled_cache(runner.model, "spectralkv", 2, 40, 48, cfg, args)
+    assert grown.layers[0].key_store.outliers.entries > 0
+    row = runner.run("spectralkv", 2.5, 2, 4)
+    assert row["decode_tok_s"] > 0
+    previous = enable_fused(runner.model)
+    try:
+        static = StaticSpectralKVCache(runner.model, cfg, max_cache_len=args.context + 4, window=args.window,
+                                       sink_tokens=args.sinks)
+        row = gen.generate_once(runner.model, "spectralkv-static", 2, args.context, 4, args, cache=static,
+                                filled=False)
+    finally:
+        runner.model.set_attn_implementation(previous)
+    layer = static.layers[0]
+    assert layer.slots == (cfg.outlier_cap, cfg.outlier_cap) and int(layer.out_counts[0].sum()) > 0
+    assert row["cache_bytes"] == static.memory_report()["resident_bytes"] > static.memory_report()["outliers_bytes"]
+
+
 def test_model_is_created_on_the_target_device(gen: ModuleType) -> None:
     """Weights are allocated where the model runs (meta here, cuda on a GPU): no 16 GB host copy for the 8B shape."""
     args = gen.parse_args([])  # the full 8B shape
