@@ -49,6 +49,7 @@ def gen() -> ModuleType:
 @pytest.mark.parametrize("script,flags", [
     ("bench_decode.py", ["--contexts", "--timer", "--no-cuda-graph", "--l2", "--copy-gb", "--target-context"]),
     ("bench_generate.py", ["--batches", "--context", "--find-max-batch", "--tiny", "--device", "--prefill-chunk"]),
+    ("eval_outlier_slots.py", ["--calibration", "--slots", "--bits", "--windows"]),
 ])
 def test_help(script: str, flags: list[str]) -> None:
     out = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True,
@@ -532,3 +533,40 @@ def test_count_dispatches_counts_launches_and_custom_ops_once(capsys: pytest.Cap
     assert counting.main(["--steps", "3", "--backend", "torch"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 4 and all(float(r.split("|")[-2]) > 0 for r in rows[2:]), rows
+
+
+# -- scripts/eval_outlier_slots.py ----------------------------------------------------------------------------------
+def test_outlier_slots_accounting_and_capped_caches(tiny_llama: Any) -> None:
+    """The script's static-layout bits per coordinate are what StaticSpectralKVCache allocates per code row, and its
+    capped growing caches keep at most that many outliers per token (with the calibration's entries otherwise)."""
+    from conftest import tiny_calibrate
+
+    from spectralkv.fused import enable_fused
+    from spectralkv.static import StaticSpectralKVCache
+
+    script = _load("eval_outlier_slots")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--calibration", "x", "--slots", "0"])
+    cfg = tiny_calibrate(tiny_llama, bits=4.0, outlier_thresholds=(2.0,))
+    assert cfg.outlier_cap is not None and cfg.outlier_cap > 2
+    ids = torch.randint(2, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    previous = enable_fused(tiny_llama)
+    try:
+        for slots in (cfg.outlier_cap, 2):
+            cache = StaticSpectralKVCache(tiny_llama, cfg, max_cache_len=41, outlier_slots=slots, backend="torch")
+            tiny_llama(input_ids=ids, cache=cache, use_cache=True)
+            layers = [layer for layer in cache.layers if hasattr(layer, "slots")]
+            report = cache.memory_report()
+            row_bits = 8 * (report["codes_bytes"] + report["metadata_bytes"] + report["outliers_bytes"])
+            rows = 2 * (layers[0].rows + 1) * len(layers)  # batch x code rows, per layer
+            per_coord = row_bits / (rows * 2 * cfg.num_kv_heads * cfg.head_dim)
+            assert script.static_bits_per_coordinate(cfg, cfg.bits, slots) == pytest.approx(per_coord)
+    finally:
+        tiny_llama.set_attn_implementation(previous)
+    plain = script.static_bits_per_coordinate(cfg.without_outliers(), cfg.bits, 0)
+    assert plain < script.static_bits_per_coordinate(cfg, cfg.bits, 2)
+    for cap in (None, 1):
+        cache = script.capped_factory(tiny_llama, cfg, cfg.bits, cap)()
+        tiny_llama(input_ids=ids, cache=cache, use_cache=True)
+        counts = cache.layers[0].key_store.inner.outliers.view().counts
+        assert int(counts.max()) == (cfg.outlier_cap if cap is None else 1)
