@@ -167,16 +167,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for b in sorted({r["bits"] for r in rows}):
-        pts = sorted((r["static_bits"], r["dppl_pct"], r["slots"]) for r in rows if r["bits"] == b)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{b:g}-bit budget")
-        for x, y, s in pts:
-            ax.annotate(f"{s} slots" if s else "no outliers", (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    cap = max(r["slots"] for r in rows)
+    for slots in sorted({r["slots"] for r in rows}):
+        pts = sorted((r["static_bits"], r["dppl_pct"], r["bits"]) for r in rows if r["slots"] == slots)
+        name = ("no outliers" if slots == 0 else f"{slots} slot{'s' * (slots != 1)}"
+                + (" (the cap: what the growing caches keep)" if slots == cap else ""))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for x, y, b in pts:
+            ax.annotate(f"{b:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("bits per coordinate stored by the static cache")
     ax.set_ylabel("perplexity increase vs fp16 (%)")
-    ax.set_title("Static cache: exact-outlier slots vs quality")
+    ax.set_title("Static cache: exact-outlier slots vs quality (labels: budget)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

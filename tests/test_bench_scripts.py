@@ -570,3 +570,18 @@ def test_outlier_slots_accounting_and_capped_caches(tiny_llama: Any) -> None:
         tiny_llama(input_ids=ids, cache=cache, use_cache=True)
         counts = cache.layers[0].key_store.inner.outliers.view().counts
         assert int(counts.max()) == (cfg.outlier_cap if cap is None else 1)
+
+
+
+def test_outlier_slots_report(tmp_path: Path) -> None:
+    script = _load("eval_outlier_slots")
+    rows = [{"label": f"3 bit, {n}", "bits": 3.0, "slots": n, "dppl_pct": d, "ci95_pct": [d - 0.5, d + 0.5],
+             "measured_bits": None if n == 0 else 2.9, "static_bits": 3 + n / 10, "ppl": 11.7, "seconds": 1.0}
+            for n, d in ((0, 3.4), (1, 1.9), (5, 1.2))]
+    meta = {"calibration": "cal", "outlier_threshold": 3.0, "outlier_fraction": 0.0057, "cap": 5,
+            "settings": {"windows": 24, "prefill": 512, "decode": 192}, "fp16_ppl": 11.546, "argv": ["--bits", "3"]}
+    md = script.markdown(rows, meta)
+    assert "| 3 bit, 1 | +1.90 | [+1.40, +2.40] | 2.900 | 3.100 |" in md and "cap 5 per token" in md
+    assert "| 3 bit, 0 | +3.40 | [+2.90, +3.90] | - | 3.000 |" in md
+    script.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
