@@ -388,7 +388,7 @@ def test_generate_outlier_fraction(gen: ModuleType) -> None:
     """``--outlier-fraction`` gives the synthetic calibration exact outliers (Gaussian threshold, a calibration's
     cap), and both spectralkv caches then store them through the benchmark's own paths."""
     from spectralkv.fused import enable_fused
-    from spectralkv.static import StaticSpectralKVCache
+    from spectralkv.static import StaticSpectralKVCache, default_outlier_slots
 
     with pytest.raises(SystemExit):
         gen.parse_args(["--device", "cpu", "--tiny", "--outlier-fraction", "1.5"])
@@ -410,7 +410,7 @@ def test_generate_outlier_fraction(gen: ModuleType) -> None:
     finally:
         runner.model.set_attn_implementation(previous)
     layer = static.layers[0]
-    assert layer.slots == (cfg.outlier_cap, cfg.outlier_cap) and int(layer.out_counts[0].sum()) > 0
+    assert layer.slots == (default_outlier_slots(cfg),) * 2 and int(layer.out_counts[0].sum()) > 0
     assert row["cache_bytes"] == static.memory_report()["resident_bytes"] > static.memory_report()["outliers_bytes"]
 
 

@@ -4,6 +4,7 @@ errors for what static buffers cannot hold."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,7 +80,8 @@ def test_static_equals_growing_fused_cache(fused_llama: Any, request: Any, backe
     ids = prompt(length=prompt_len)
     want = generate(fused_llama, FusedSpectralKVCache(fused_llama, cfg, window=WINDOW, sink_tokens=SINKS,
                                                       backend=backend), ids)
-    cache = static_cache(fused_llama, cfg, backend=backend, max_cache_len=prompt_len + NEW)
+    cache = static_cache(fused_llama, cfg, backend=backend, max_cache_len=prompt_len + NEW,
+                         outlier_slots=cfg.outlier_cap)  # the cap: what the growing cache keeps
     got = generate(fused_llama, cache, ids)
     assert_same_generation(got, want)
     layer = cache.layers[0]
@@ -106,6 +108,27 @@ def test_static_equals_growing_fused_cache(fused_llama: Any, request: Any, backe
         want_z = q.apply_outliers(torch.zeros(shape), _first_tokens(stores[side].outliers.view(), n))
         got_z = q.apply_outliers(torch.zeros(shape[:2] + (layer.rows, shape[3])), held)
         assert torch.equal(got_z[:, :, :n], want_z)
+
+
+def test_default_outlier_slots_are_the_average_rounded_up(fused_llama: Any, outlier_calibration: Any) -> None:
+    """By default a token gets its calibration's average outlier count rounded up (at most the cap): static buffers
+    pay for every slot, and on SmolLM2 that count measured best for the bits stored (docs/results/outlier_slots)."""
+    from spectralkv.static import default_outlier_slots
+
+    coords = outlier_calibration.num_kv_heads * outlier_calibration.head_dim  # 32 here
+    for fraction, want in ((0.001, 1), (1 / 32, 1), (0.05, 2), (0.2, 7)):
+        cfg = copy.copy(outlier_calibration)
+        cfg.outlier_fraction = fraction
+        assert default_outlier_slots(cfg) == want, fraction
+        assert want <= cfg.outlier_cap
+    smollm2_like = 0.0057 * 3 * 64  # 1.09 outliers per token on average, cap 5
+    assert math.ceil(smollm2_like) == 2 and max(2, math.ceil(4 * smollm2_like)) == 5
+    assert default_outlier_slots(outlier_calibration.without_outliers()) is None
+    want = max(1, math.ceil(outlier_calibration.outlier_fraction * coords))
+    cache = static_cache(fused_llama, outlier_calibration)
+    generate(fused_llama, cache, prompt())
+    assert cache.layers[0].slots == (min(want, outlier_calibration.outlier_cap),) * 2
+    assert cache.outlier_slots == default_outlier_slots(outlier_calibration)
 
 
 def _first_tokens(outliers: Any, n: int) -> Any:
@@ -143,7 +166,7 @@ def test_beam_search_reorders_in_place(fused_llama: Any, outlier_calibration: An
     kwargs = dict(num_beams=3, num_return_sequences=2)
     want = generate(fused_llama, FusedSpectralKVCache(fused_llama, cfg, window=WINDOW, sink_tokens=SINKS,
                                                       backend="torch"), ids, **kwargs)
-    cache = static_cache(fused_llama, cfg)
+    cache = static_cache(fused_llama, cfg, outlier_slots=cfg.outlier_cap)
     got = generate(fused_llama, cache, ids, **kwargs)
     assert cache.layers[0].keys.shape[0] == 3  # one row per beam
     assert torch.equal(got.sequences, want.sequences)
@@ -217,7 +240,7 @@ def test_fewer_outlier_slots_keep_each_tokens_largest(fused_llama: Any, outlier_
     quantizer's slot finder picks with that many slots)."""
     cap = outlier_calibration.outlier_cap
     assert cap >= 2
-    full = static_cache(fused_llama, outlier_calibration)
+    full = static_cache(fused_llama, outlier_calibration, outlier_slots=cap)
     one = static_cache(fused_llama, outlier_calibration, outlier_slots=1)
     generate(fused_llama, full, prompt())
     generate(fused_llama, one, prompt())

@@ -22,10 +22,11 @@ Layout of one layer, with ``S`` sink tokens, a window of ``W`` and ``R = W + 1``
 * code rows ``[B, max_cache_len - S + 1, row_bytes]`` (and fp16 scales): position ``p >= S`` is row ``p - S``;
   the last row is scratch, written by steps that have nothing to compress yet.
 * with a calibration that keeps exact outliers, per row a count and ``C`` fixed slots (index and fp16 value,
-  :class:`~spectralkv.quantizer.SlotOutliers`): a token keeps its ``C`` largest outliers, ``C`` being the
-  calibration's per-token cap by default (4x its average, so the growing cache keeps the same ones) or
-  ``outlier_slots``. Static buffers pay for every slot: on SmolLM2's default calibration (cap 5, 1-byte indices)
-  16 bytes per token, layer and side against ~4.3 on average in the growing cache.
+  :class:`~spectralkv.quantizer.SlotOutliers`): a token keeps its ``C`` largest outliers. Static buffers pay for
+  every slot, so ``C`` defaults to the calibration's average count per token rounded up
+  (:func:`default_outlier_slots`: 2 for SmolLM2's default calibration, whose cap is 5), which measured best for
+  the memory it takes (``scripts/eval_outlier_slots.py``, docs/experiments.md); ``outlier_slots=`` chooses another
+  count, and at the calibration's cap the cache keeps exactly what the growing caches keep.
 
 A decode step at position ``p``: the token at ``p - R`` (whose ring slot the new token takes) is encoded into its row,
 the new token is written into slot ``p``, and attention reads rows ``[0, p - W - S)`` plus the sinks and the ring,
@@ -40,6 +41,7 @@ and calibrations that leave a full-attention layer uncompressed (its mask would 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -61,6 +63,23 @@ def _check_slots(outlier_slots: int | None) -> None:
                                       or outlier_slots < 1):
         raise ValueError(f"outlier_slots must be an integer >= 1 or None (the calibration's cap), got "
                          f"{outlier_slots!r}.")
+
+
+def default_outlier_slots(calibration: SpectralKVConfig) -> int | None:
+    """Slots per token the static cache gives a calibration's exact outliers by default: their average count per
+    token (layer and side) rounded up, at most the cap; None when it keeps none.
+
+    Why not the cap (which keeps what the growing caches keep): static buffers pay for every slot whether used or
+    not. On SmolLM2-135M (default calibration: 0.57% outliers, 1.09 per token on average, cap 5) 1 or 2 slots gave
+    the lowest perplexity for the bits stored at every budget from 2 to 4, and the cap was worse at 2-3 bits (at a
+    static 2.49 bits per coordinate: +3.28% with 1 slot, +5.41% with 5); measured with
+    ``scripts/eval_outlier_slots.py`` (docs/results/outlier_slots)."""
+    if calibration.outlier_threshold is None:
+        return None
+    mean = calibration.outlier_fraction * calibration.num_kv_heads * calibration.head_dim
+    slots = max(1, math.ceil(mean - 1e-9))
+    cap = calibration.outlier_cap
+    return slots if cap is None else min(slots, cap)
 
 
 def _slots(q: SpectralQuantizer, outlier_slots: int | None) -> int:
@@ -330,9 +349,10 @@ class StaticSpectralKVCache(Cache):
         max_cache_len: tokens the cache can hold (prompt + new tokens).
         bits, window, sink_tokens: as for :class:`~spectralkv.cache.SpectralKVCache`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`spectralkv.fused`).
-        outlier_slots: exact outliers kept per token, layer and side, for calibrations that keep them (default: the
-            calibration's cap, which keeps what the growing caches keep; fewer save memory, each token then keeping
-            its largest).
+        outlier_slots: exact outliers kept per token, layer and side, for calibrations that keep them (each token
+            keeps its largest). Default: :func:`default_outlier_slots` (the average count rounded up, the best
+            quality for the memory measured); ``calibration.outlier_cap`` keeps exactly what the growing caches
+            keep, at the price of the unused slots.
 
     Sliding-window layers use transformers' own static layers.
     """
@@ -364,6 +384,9 @@ class StaticSpectralKVCache(Cache):
         if self.window < 0 or self.sink_tokens < 0:
             raise ValueError(f"window and sink_tokens must be >= 0, got {self.window} and {self.sink_tokens}.")
         _check_slots(outlier_slots)
+        if outlier_slots is None:
+            outlier_slots = default_outlier_slots(calibration)
+        self.outlier_slots = outlier_slots
         quantizers = calibration.quantizers()
         shared: dict[Any, torch.Tensor] = {}
         layer_types, layer_kwargs = get_layer_types_and_kwargs(_model_config(model))
