@@ -14,7 +14,9 @@ binding there), so each ``C`` runs as the growing ``SpectralKVCache`` with its q
 decoded stores are cached), and the memory column is the static layout's: codes, scales, one count and ``C`` slots
 (index + fp16 value) per token, layer and side, in bits per compressed coordinate.
 
-    .venv/bin/python scripts/eval_outlier_slots.py --calibration /tmp/skv-smollm2 --bits 3 --slots 1 2 3
+    make run   # once: the default calibration, saved in artifacts/smollm2-135m-instruct-skv
+    .venv/bin/python scripts/eval_outlier_slots.py --calibration artifacts/smollm2-135m-instruct-skv \\
+        --bits 2 2.5 3 4 --slots 1 2 --out docs/results/outlier_slots
 """
 
 from __future__ import annotations
