@@ -19,12 +19,14 @@ TRANSFORMERS_MIN="5.24"
 GPU_CHECK_ALLOW_CPU="${GPU_CHECK_ALLOW_CPU:-0}"
 
 if [ "${1:-}" = "--wheels" ]; then
-  # pure-Python wheels only (the GPU machine's Python is 3.12; its torch, Triton, tokenizers stay as they are)
+  # pure-Python wheels only (the GPU machine's Python is 3.12; its torch, Triton, tokenizers stay as they are).
+  # The oldest transformers the package supports, not this machine's: 5.25 and later need what the image lacks
+  # (huggingface_hub >= 2.4, tokenizers 0.23, Hugging Face's kernels package); 5.24 runs on the image's hub 1.33.
   PY="${PYTHON:-.venv/bin/python}"
-  version="$("$PY" -c 'import transformers; print(transformers.__version__)')"
   mkdir -p .whl
+  rm -f .whl/transformers-*.whl
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl "transformers==$version"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl "transformers==$TRANSFORMERS_MIN.*"
   ls -l .whl
   exit 0
 fi
