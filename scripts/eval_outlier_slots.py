@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a spectralkv calibration of the model (made with `spectralkv demo --out DIR` or "
                         "`spectralkv calibrate`)")
     p.add_argument("--bits", type=float, nargs="+", default=[3.0], help="budgets (default: %(default)s)")
-    p.add_argument("--slots", type=int, nargs="+", default=[1, 2], help="slot counts besides the cap "
-                   "(default: %(default)s)")
+    p.add_argument("--slots", type=int, nargs="+", default=[1, 2], help="slot counts besides the cap and the "
+                   "static cache's default (default: %(default)s)")
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--decode", type=int, default=192)
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from spectralkv.evaluation.methods import make_cache
     from spectralkv.evaluation.perplexity import PerplexitySettings, evaluation_windows, streaming_nll, summarize
     from spectralkv.models import load_model
+    from spectralkv.static import default_outlier_slots
     from spectralkv.text import evaluation_tokens
 
     model, tokenizer = load_model()
@@ -98,15 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.calibration} keeps no exact outliers: nothing to measure.", file=sys.stderr)
         return 2
     cap = cfg.outlier_cap
-    slot_counts = sorted({s for s in args.slots if s < cap})
+    slot_counts = sorted({s for s in [*args.slots, default_outlier_slots(cfg)] if s < cap})
     settings = PerplexitySettings(prefill=args.prefill, decode=args.decode, windows=args.windows,
                                   batch_size=args.batch_size)
     windows = evaluation_windows(evaluation_tokens(tokenizer), settings)
     factories: dict[str, Any] = {"fp16": lambda: make_cache("fp16", model)}
-    labels: dict[str, tuple[float, int | None]] = {}
+    labels: dict[str, tuple[float, int]] = {}
+    default = default_outlier_slots(cfg)
     for b in args.bits:
         for slots in [cap, *slot_counts]:
-            label = f"{b:g} bit, {slots} slot{'s' * (slots != 1)}" + (" (cap)" if slots == cap else "")
+            label = (f"{b:g} bit, {slots} slot{'s' * (slots != 1)}" + (" (cap)" if slots == cap else "")
+                     + (" (static default)" if slots == default else ""))
             factories[label] = capped_factory(model, cfg, b, None if slots == cap else slots)
             labels[label] = (b, slots)
         plain = cfg.without_outliers()
