@@ -203,6 +203,16 @@ class SpectralQuantizer:
         """Bits per stored outlier: its index within the token and its fp16 value."""
         return outlier_entry_bits(self.coords)
 
+    @property
+    def outlier_count_dtype(self) -> torch.dtype:
+        """Dtype of a per-token outlier count (as :func:`outlier_count_bits` accounts it)."""
+        return torch.uint8 if self.coords <= 255 else torch.int16
+
+    @property
+    def outlier_index_dtype(self) -> torch.dtype:
+        """Dtype of an outlier's index within its token (as :func:`outlier_entry_bits` accounts it)."""
+        return torch.uint8 if self.coords <= 256 else torch.int16
+
     # -- tensors on the right device (the layer's device, moved lazily) -----------------------------------------
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._device_cache:
@@ -301,8 +311,7 @@ class SpectralQuantizer:
         counts = mask.sum(-1).t().contiguous()  # [B, T]
         tb, idx = mask.reshape(t * b, h * d).nonzero(as_tuple=True)
         values = zt.reshape(t * b, h * d)[tb, idx].to(torch.float16)
-        return Outliers(counts.to(torch.uint8 if self.coords <= 255 else torch.int16),
-                        idx.to(torch.uint8 if self.coords <= 256 else torch.int16), values)
+        return Outliers(counts.to(self.outlier_count_dtype), idx.to(self.outlier_index_dtype), values)
 
     def find_slot_outliers(self, z: torch.Tensor, slots: int | None = None) -> SlotOutliers | None:
         """:meth:`find_outliers` with static shapes: the ``slots`` (default ``outlier_cap``) largest coordinates of
@@ -318,8 +327,7 @@ class SpectralQuantizer:
         mag, idx = zt.abs().topk(cap, dim=-1)  # sorted: the used slots come first
         counts = (mag > self.outlier_threshold).sum(-1)
         values = zt.gather(-1, idx).to(torch.float16)
-        return SlotOutliers(counts.to(torch.uint8 if self.coords <= 255 else torch.int16),
-                            idx.to(torch.uint8 if self.coords <= 256 else torch.int16), values)
+        return SlotOutliers(counts.to(self.outlier_count_dtype), idx.to(self.outlier_index_dtype), values)
 
     @staticmethod
     def apply_outliers(z: torch.Tensor, outliers: Outliers | SlotOutliers | None) -> torch.Tensor:

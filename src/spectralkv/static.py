@@ -61,8 +61,8 @@ def _is_compiling() -> bool:
 def _check_slots(outlier_slots: int | None) -> None:
     if outlier_slots is not None and (isinstance(outlier_slots, bool) or not isinstance(outlier_slots, int)
                                       or outlier_slots < 1):
-        raise ValueError(f"outlier_slots must be an integer >= 1 or None (the calibration's cap), got "
-                         f"{outlier_slots!r}.")
+        raise ValueError(f"outlier_slots must be an integer >= 1, or None for the default (the calibration's average "
+                         f"outlier count per token, rounded up), got {outlier_slots!r}.")
 
 
 def default_outlier_slots(calibration: SpectralKVConfig) -> int | None:
@@ -88,14 +88,6 @@ def _slots(q: SpectralQuantizer, outlier_slots: int | None) -> int:
         return 0
     cap = outlier_slots if outlier_slots is not None else q.outlier_cap
     return q.coords if cap is None else min(int(cap), q.coords)
-
-
-def _count_dtype(q: SpectralQuantizer) -> torch.dtype:
-    return torch.uint8 if q.coords <= 255 else torch.int16
-
-
-def _index_dtype(q: SpectralQuantizer) -> torch.dtype:
-    return torch.uint8 if q.coords <= 256 else torch.int16
 
 
 class StaticCompressedLayer(CacheLayerMixin):
@@ -143,9 +135,10 @@ class StaticCompressedLayer(CacheLayerMixin):
             self.codes.append(torch.zeros(b, self.rows + 1, q.row_bytes, dtype=torch.uint8, device=dev))
             self.scales.append(torch.zeros(b, self.rows + 1, h, dtype=torch.float16, device=dev)
                                if q.token_scale else None)
-            self.out_counts.append(torch.zeros(b, self.rows + 1, dtype=_count_dtype(q), device=dev) if c else None)
-            self.out_index.append(torch.zeros(b, self.rows + 1, c, dtype=_index_dtype(q), device=dev) if c else None)
-            self.out_values.append(torch.zeros(b, self.rows + 1, c, dtype=torch.float16, device=dev) if c else None)
+            n = self.rows + 1
+            self.out_counts.append(torch.zeros(b, n, dtype=q.outlier_count_dtype, device=dev) if c else None)
+            self.out_index.append(torch.zeros(b, n, c, dtype=q.outlier_index_dtype, device=dev) if c else None)
+            self.out_values.append(torch.zeros(b, n, c, dtype=torch.float16, device=dev) if c else None)
             key = (b, self.rows, c, str(dev))
             if c and key not in self._shared:
                 self._shared[key] = slot_starts(b, self.rows, (self.rows + 1) * c, c, dev)
