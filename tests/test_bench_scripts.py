@@ -50,6 +50,7 @@ def gen() -> ModuleType:
     ("bench_decode.py", ["--contexts", "--timer", "--no-cuda-graph", "--l2", "--copy-gb", "--target-context"]),
     ("bench_generate.py", ["--batches", "--context", "--find-max-batch", "--tiny", "--device", "--prefill-chunk"]),
     ("eval_outlier_slots.py", ["--calibration", "--slots", "--bits", "--windows"]),
+    ("eval_weight_profiles.py", ["--calibration", "--bits", "--windows", "--out"]),
 ])
 def test_help(script: str, flags: list[str]) -> None:
     out = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True,

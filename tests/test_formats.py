@@ -27,7 +27,7 @@ def _to_format_0(folder: Path) -> None:
     """Rewrite a current config in the documented pre-release layout (see ``spectralkv.formats``)."""
     def edit(d: dict[str, Any]) -> None:
         for key in ("format_version", "spectralkv_version", "window", "group_size", "outlier_threshold",
-                    "outlier_fraction"):
+                    "outlier_fraction", "weight_profiles"):
             d.pop(key)
 
     _edit_json(folder, edit)
@@ -38,9 +38,32 @@ def _to_format_1(folder: Path) -> None:
     def edit(d: dict[str, Any]) -> None:
         d.pop("outlier_threshold")
         d.pop("outlier_fraction")
+        d.pop("weight_profiles")
         d["format_version"] = 1
 
     _edit_json(folder, edit)
+
+
+def _to_format_2(folder: Path) -> None:
+    """Rewrite a current config in format 2 (one set of weights for every budget)."""
+    def edit(d: dict[str, Any]) -> None:
+        d.pop("weight_profiles")
+        d["format_version"] = 2
+
+    _edit_json(folder, edit)
+
+
+def test_format_2_upgraded_to_no_weight_profiles(folder: Path, tiny_llama_calibration: SpectralKVConfig) -> None:
+    """Format 2 had one set of weights: the upgrade gives no profiles, so every budget allocates as it did."""
+    _to_format_2(folder)
+    cfg = SpectralKVConfig.from_pretrained(folder)
+    assert (cfg.format_version, cfg.weight_profiles) == (formats.FORMAT_VERSION, [])
+    plain = tiny_llama_calibration.with_weight_profiles([])
+    for b in (2.0, 2.5, 4.0):
+        assert all(torch.equal(t, plain.allocation(b)[key]) for key, t in cfg.allocation(b).items())
+    report = validate_calibration(folder)
+    assert report.ok, report.format()
+    assert report["format version"].message.startswith("format 2, upgraded to format 3")
 
 
 def test_format_1_upgraded_to_no_outliers(folder: Path) -> None:
@@ -51,7 +74,7 @@ def test_format_1_upgraded_to_no_outliers(folder: Path) -> None:
     assert all(q.outlier_threshold is None for q in cfg.quantizers().values())
     report = validate_calibration(folder)
     assert report.ok, report.format()
-    assert report["format version"].message.startswith("format 1, upgraded to format 2")
+    assert report["format version"].message.startswith("format 1, upgraded to format 3")
 
 
 def test_every_older_version_has_a_migration() -> None:
@@ -67,11 +90,11 @@ def test_format_0_upgraded_on_load(folder: Path, tiny_llama_calibration: Spectra
     report = validate_calibration(folder)
     assert report.ok, report.format()
     assert report["format version"].message.startswith("format 0 (pre-release layout, no version recorded), "
-                                                       "upgraded to format 2")
+                                                       "upgraded to format 3")
     # saving writes the current format; the upgrade is not needed again
     data = json.loads((cfg.save_pretrained(tmp_path / "resaved") / CONFIG_NAME).read_text())
     assert (data["format_version"], data["window"], data["group_size"]) == (formats.FORMAT_VERSION, 32, 8)
-    assert validate_calibration(tmp_path / "resaved")["format version"].message == "format 2 (current)"
+    assert validate_calibration(tmp_path / "resaved")["format version"].message == "format 3 (current)"
 
 
 def test_format_0_keeps_fields_it_has(folder: Path) -> None:
@@ -92,8 +115,8 @@ def test_format_0_is_still_validated(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [({}, 0), ({"format_version": 1}, 1),
-     ({"format_version": 2}, 2),
-     ({"format_version": 3}, "format version 3, but this spectralkv reads format version 2 and older"),
+     ({"format_version": 2}, 2), ({"format_version": 3}, 3),
+     ({"format_version": 4}, "format version 4, but this spectralkv reads format version 3 and older"),
      ({"format_version": 0}, "unknown format version 0"), ({"format_version": -3}, "unknown format version -3"),
      ({"format_version": "1"}, r"'format_version' has the wrong type \(str\)"),
      ({"format_version": True}, r"'format_version' has the wrong type \(bool\)")],
@@ -107,32 +130,33 @@ def test_version_of(data: dict[str, Any], expected: int | str) -> None:
 
 
 def test_upgrade_chains_registered_steps_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With future formats 3 and 4, a format-0 config goes 0 -> 1 -> 2 -> 3 -> 4, each step seeing the previous
-    version (the real steps 0 -> 1 -> 2 included)."""
+    """With future formats 4 and 5, a format-0 config goes 0 -> 1 -> 2 -> 3 -> 4 -> 5, each step seeing the
+    previous version (the real steps 0 -> 1 -> 2 -> 3 included)."""
     seen: list[int] = []
 
     def step(d: dict[str, Any]) -> dict[str, Any]:
         seen.append(d["format_version"])
         return {**d, f"added_in_{d['format_version'] + 1}": True}
 
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 4)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 5)
     monkeypatch.setattr(formats, "MIGRATIONS", dict(formats.MIGRATIONS))
-    formats.migration(2)(step)
     formats.migration(3)(step)
+    formats.migration(4)(step)
     original = {"default_bits": 3.0}
     out, version = formats.upgrade(original, CONFIG_NAME)
-    assert version == 0 and out["format_version"] == 4 and seen == [2, 3]
-    assert out["added_in_3"] and out["added_in_4"] and out["window"] == 32 and out["outlier_threshold"] is None
+    assert version == 0 and out["format_version"] == 5 and seen == [3, 4]
+    assert out["added_in_4"] and out["added_in_5"] and out["window"] == 32 and out["outlier_threshold"] is None
+    assert out["weight_profiles"] == []
     assert original == {"default_bits": 3.0}, "the input is not modified"
-    assert formats.upgrade({"format_version": 3}, CONFIG_NAME)[0]["format_version"] == 4
+    assert formats.upgrade({"format_version": 4}, CONFIG_NAME)[0]["format_version"] == 5
     with pytest.raises(ValueError, match="already registered"):
-        formats.migration(2)(step)
+        formats.migration(3)(step)
 
 
 def test_gap_in_the_registry_is_a_bug_not_an_artifact_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 3)
-    with pytest.raises(RuntimeError, match="No migration from calibration format 2 to 3"):
-        formats.upgrade({"format_version": 2}, CONFIG_NAME)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 4)
+    with pytest.raises(RuntimeError, match="No migration from calibration format 3 to 4"):
+        formats.upgrade({"format_version": 3}, CONFIG_NAME)
 
 
 # -- the packed-row byte format -----------------------------------------------------------------------------------

@@ -15,6 +15,9 @@
    quantizing the recent tokens, where attention concentrates, measured errors serving never makes). With an
    outlier threshold, codebooks are fitted to the coordinates inside it and the bits the outliers cost (measured on
    held-out text) are taken from the codes, so the budget holds all-in.
+5. Budget profiles: at each of ``profile_budgets`` the per-layer K/V weights and the key weight are fitted again
+   (same scale mode, threshold and codebooks) and kept where they lower the held-out error at that budget, so
+   ``bits=`` serves other budgets with weights measured near them, not only those of the default.
 """
 
 from __future__ import annotations
@@ -39,8 +42,18 @@ from .text import calibration_tokens, windows
 
 KEY_WEIGHT_GRID = tuple(2.0**e for e in range(-6, 7))
 OUTLIER_THRESHOLDS: tuple[float | None, ...] = (None, 4.0, 3.5, 3.0)  # standard deviations; None: no outliers
+PROFILE_BUDGETS: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)  # budgets whose weights are re-fitted (the default's too)
 SAMPLES_PER_SEQUENCE = 64
 MAX_CODEBOOK_SAMPLES = 1 << 17
+
+
+@dataclass
+class _Choice:
+    error: float
+    config: SpectralKVConfig
+    per_layer: list[float]
+    multipliers: dict[tuple[int, str], float]
+    key_weight: float
 
 
 @dataclass
@@ -126,6 +139,7 @@ def calibrate(
     base_model_revision: str | None = None,
     weighting: str = "fisher",
     outlier_thresholds: tuple[float | None, ...] = OUTLIER_THRESHOLDS,
+    profile_budgets: tuple[float, ...] = PROFILE_BUDGETS,
 ) -> SpectralKVConfig:
     """Calibrate ``model`` on ``text`` and return a config serving budget ``bits`` (and any other budget).
 
@@ -138,8 +152,12 @@ def calibrate(
     budget, outliers paid for, picks one.
     ``sink_tokens`` / ``window``: the full-precision layout the calibration is made for (the default a cache serves
     it with); the held-out error keeps exactly these tokens exact, so every choice is made for how it is served.
+    ``profile_budgets``: other budgets to re-fit the per-layer K/V weights and the key weight at (the scale mode,
+    outlier threshold and codebooks stay those chosen at ``bits``); a budget's profile is kept only where it lowers
+    the held-out error at that budget, and ``bits=`` then serves the nearest calibrated budget's weights.
     """
     bits = check_budget(bits)
+    profile_budgets = tuple(sorted({check_budget(b) for b in profile_budgets} - {bits}))
     if not outlier_thresholds or any(t is not None and not t > 0 for t in outlier_thresholds):
         raise ValueError(f"`outlier_thresholds` must be a non-empty sequence of positive numbers or None, got "
                          f"{outlier_thresholds!r}.")
@@ -282,7 +300,7 @@ def calibrate(
     grads = attention_output_gradients(model, held_seqs, layers, progress) if weighting == "fisher" else {}
 
     def build(token_scale: bool, multipliers: dict[tuple[int, str], float], key_weight: float,
-              threshold: float | None = None) -> SpectralKVConfig:
+              threshold: float | None, budget: float) -> SpectralKVConfig:
         var = variants[(token_scale, threshold)]
         t = dict(tensors)
         for l in layers:
@@ -295,12 +313,12 @@ def calibrate(
         cfg = SpectralKVConfig(
             base_model=base_model or getattr(model.config, "spectralkv_base_model", None)
             or str(getattr(model.config, "_name_or_path", "unknown")),
-            fingerprint=fp, compressed_layers=layers, tensors=t, default_bits=bits, token_scale=token_scale,
+            fingerprint=fp, compressed_layers=layers, tensors=t, default_bits=budget, token_scale=token_scale,
             key_weight=key_weight, outlier_threshold=threshold,
             outlier_fraction=var["outliers"] / max(var["coords"], 1), sink_tokens=sink_tokens, window=window,
             base_model_revision=base_model_revision,
         )
-        alloc = allocate(cfg.weighted_distortion(), cfg.code_bits_for(bits), cfg.group_size)
+        alloc = allocate(cfg.weighted_distortion(), cfg.code_bits_for(budget), cfg.group_size)
         for (l, kind), b in alloc.items():
             t[tensor_name(l, kind, "bits")] = b
         return cfg
@@ -323,12 +341,13 @@ def calibrate(
         errs = [layer_error(cfg, quant, l, KINDS) for l in layers]
         return float(sum(e[0] for e in errs)), [e[1] for e in errs]
 
-    def fit_multipliers(token_scale: bool, threshold: float | None, rounds: int = 2) -> dict[tuple[int, str], float]:
+    def fit_multipliers(token_scale: bool, threshold: float | None, budget: float,
+                        rounds: int = 2) -> dict[tuple[int, str], float]:
         """Per (layer, kind) factor turning the static weights into measured loss-weighted error per unit of
         predicted distortion (measured with only that layer's keys, or values, quantized)."""
         mult: dict[tuple[int, str], float] = {}
         for _ in range(rounds):
-            cfg = build(token_scale, mult, 1.0, threshold)
+            cfg = build(token_scale, mult, 1.0, threshold, budget)
             quant = cfg.quantizers()
             wd = cfg.weighted_distortion()
             alloc = cfg.allocation()
@@ -341,27 +360,49 @@ def calibrate(
                     mult[(l, kind)] = old * (measured + 1e-30) / (predicted + 1e-30) if predicted > 0 else old
         return mult
 
-    search = []
-    best: tuple[float, SpectralKVConfig, list[float]] | None = None
+    def search(budget: float, options: list[tuple[bool, float | None]], desc: str) -> tuple[_Choice, list[dict]]:
+        """The option (scale mode, outlier threshold), per-layer multipliers and key weight with the least held-out
+        error at ``budget``, and one row per candidate measured."""
+        rows: list[dict[str, Any]] = []
+        best: _Choice | None = None
+        grid = KEY_WEIGHT_GRID if weighting == "output" else (0.5, 1.0, 2.0)
+        for ts, thr in tqdm(options, desc=desc, disable=not progress):
+            try:
+                mult = fit_multipliers(ts, thr, budget) if weighting == "fisher" else {}
+            except ValueError:  # the scales and outliers alone exceed the budget: not an option at this budget
+                continue
+            for kw in grid:
+                cfg = build(ts, mult, kw, thr, budget)
+                err, per_layer = heldout_error(cfg)
+                rows.append({"token_scale": ts, "outlier_threshold": thr, "outlier_fraction": cfg.outlier_fraction,
+                             "key_weight": kw, "heldout_error": err,
+                             "mean_relative_output_error": sum(per_layer) / len(per_layer), **cfg.kv_split()})
+                if best is None or err < best.error:
+                    best = _Choice(err, cfg, per_layer, mult, kw)
+        if best is None:
+            raise RuntimeError("No allocation could be evaluated; this is a bug, please report it.")
+        return best, rows
+
     modes = [ts for ts in (False, True) if not (ts and bits * d <= 16)]  # skip scales that would eat the budget
-    grid = KEY_WEIGHT_GRID if weighting == "output" else (0.5, 1.0, 2.0)
-    options = [(ts, thr) for ts in modes for thr in outlier_thresholds]
-    for ts, thr in tqdm(options, desc="calibration: allocation search", disable=not progress):
-        try:
-            mult = fit_multipliers(ts, thr) if weighting == "fisher" else {}
-        except ValueError:  # the scales and outliers alone exceed the budget: not an option at this budget
+    chosen, search_rows = search(bits, [(ts, thr) for ts in modes for thr in outlier_thresholds],
+                                 "calibration: allocation search")
+    profiles, profile_rows = [], []
+    for b in tqdm(profile_budgets, desc="calibration: budget profiles", disable=not progress):
+        base = chosen.config.with_bits(b) if b >= chosen.config.min_bits else None
+        if base is None:
+            profile_rows.append({"bits": b, "skipped": "below the budget the scales and outliers alone cost"})
             continue
-        for kw in grid:
-            cfg = build(ts, mult, kw, thr)
-            err, per_layer = heldout_error(cfg)
-            search.append({"token_scale": ts, "outlier_threshold": thr, "outlier_fraction": cfg.outlier_fraction,
-                           "key_weight": kw, "heldout_error": err,
-                           "mean_relative_output_error": sum(per_layer) / len(per_layer), **cfg.kv_split()})
-            if best is None or err < best[0]:
-                best = (err, cfg, per_layer)
-    if best is None:
-        raise RuntimeError("No allocation could be evaluated; this is a bug, please report it.")
-    err, cfg, per_layer = best
+        base_err = heldout_error(base)[0]
+        alt, _ = search(b, [(chosen.config.token_scale, chosen.config.outlier_threshold)], f"profile {b:g} bits")
+        keep = alt.error < base_err
+        profile_rows.append({"bits": b, "heldout_error_default_weights": base_err, "heldout_error_profile": alt.error,
+                             "key_weight": alt.key_weight, "kept": keep, **alt.config.kv_split()})
+        if keep:
+            factors = [[alt.multipliers.get((l, kind), 1.0) * (alt.key_weight if kind == "k" else 1.0)
+                        / (chosen.multipliers.get((l, kind), 1.0) * (chosen.key_weight if kind == "k" else 1.0))
+                        for kind in KINDS] for l in layers]
+            profiles.append({"bits": b, "factors": factors})
+    err, cfg, per_layer = chosen.error, chosen.config.with_weight_profiles(profiles), chosen.per_layer
     for row, e in zip(measured_layers, per_layer, strict=True):
         row["heldout_output_error"] = e
     cfg.calibration = {
@@ -378,7 +419,8 @@ def calibrate(
     fp16_bytes = 2 * 2 * len(layers) * h * d
     cfg.measured = {
         "layers": measured_layers,
-        "kv_split_search": search,
+        "kv_split_search": search_rows,
+        "budget_profiles": profile_rows,
         "chosen": {"token_scale": cfg.token_scale, "key_weight": cfg.key_weight, "heldout_error": err,
                    "outlier_threshold": cfg.outlier_threshold, "outlier_fraction": cfg.outlier_fraction,
                    "weighting": weighting, "mean_relative_output_error": sum(per_layer) / len(per_layer),

@@ -131,6 +131,7 @@ def render_card(config: Any, repo_id: str | None = None, *, evaluation: dict[str
         window=config.window,
         heldout_error=config.measured.get("chosen", {}).get("mean_relative_output_error", float("nan")),
         layers=layers,
+        budget_profiles=config.measured.get("budget_profiles", []),
         head_dim=config.head_dim,
         calibration=config.calibration,
         spectralkv_version=config.spectralkv_version,

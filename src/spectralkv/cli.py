@@ -33,16 +33,21 @@ def _add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=2048,
                    help="tokens per calibration sequence; about the contexts you serve (default 2048)")
     p.add_argument("--bits", type=_budget, default=3.0, help="default budget, bits per coordinate in (0, 8]")
+    p.add_argument("--profile-budgets", type=_budget, nargs="*", default=None, metavar="B",
+                   help="other budgets to re-fit the per-layer K/V weights at; each is kept only where it lowers the "
+                        "held-out error there (default: 2 2.5 3 4; none: pass the flag alone)")
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window", type=int, default=32, help="default full-precision recent window")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _calibrate_from_args(model: Any, tok: Any, args: argparse.Namespace) -> Any:
-    from .calibrate import calibrate
+    from .calibrate import PROFILE_BUDGETS, calibrate
 
+    budgets = PROFILE_BUDGETS if args.profile_budgets is None else tuple(args.profile_budgets)
     return calibrate(model, tok, bits=args.bits, text=args.text, tokens=args.tokens, heldout_tokens=args.heldout_tokens,
-                     seq_len=args.seq_len, sink_tokens=args.sink_tokens, window=args.window, seed=args.seed)
+                     seq_len=args.seq_len, sink_tokens=args.sink_tokens, window=args.window, seed=args.seed,
+                     profile_budgets=budgets)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -76,6 +76,9 @@ class SpectralKVConfig:
             chosen at calibration by measured error, None: off).
         outlier_fraction: fraction of compressed coordinates beyond the threshold on held-out calibration text; the
             allocation reserves its expected bits so the budget holds all-in.
+        weight_profiles: per other calibrated budget, ``{"bits": b, "factors": [[key, value] per compressed
+            layer]}``: how much the per-layer K/V weights re-fitted at ``b`` differ from the stored ones (which serve
+            ``default_bits``); a budget is allocated with the weights of the nearest calibrated budget.
         sink_tokens: leading tokens kept in full precision.
         window: recent tokens kept in full precision by default.
         calibration: provenance (text source, token counts, sequence length, seed).
@@ -95,6 +98,7 @@ class SpectralKVConfig:
     sink_tokens: int = 4
     window: int = 32
     group_size: int = GROUP_SIZE
+    weight_profiles: list[dict[str, Any]] = field(default_factory=list)
     base_model_revision: str | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     measured: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +118,10 @@ class SpectralKVConfig:
             raise ValueError(f"`outlier_fraction` must be in [0, 1], got {self.outlier_fraction!r}.")
         if self.outlier_threshold is None:
             self.outlier_fraction = 0.0
+        self.weight_profiles = check_weight_profiles(self.weight_profiles, len(self.compressed_layers))
+        if any(p["bits"] == self.default_bits for p in self.weight_profiles):
+            raise ValueError(f"`weight_profiles` has a profile for default_bits ({self.default_bits:g}), whose "
+                             "weights are the stored ones.")
         self._alloc_cache: dict[float, dict[tuple[int, str], torch.Tensor]] = {}
         self._stored_allocation = True  # the ``bits`` tensors serve ``default_bits`` with these outlier settings
         if self.bits < self.min_bits:
@@ -180,20 +188,33 @@ class SpectralKVConfig:
         if b == self.default_bits and self._stored_allocation:
             return {(l, k): self.tensor(l, k, "bits") for l in self.compressed_layers for k in KINDS}
         if b not in self._alloc_cache:
-            self._alloc_cache[b] = allocate(self.weighted_distortion(), self.code_bits_for(b), self.group_size)
+            self._alloc_cache[b] = allocate(self.weighted_distortion(b), self.code_bits_for(b), self.group_size)
         return self._alloc_cache[b]
+
+    def profile_bits(self, bits: float) -> float:
+        """The calibrated budget whose weights serve budget ``bits``: the nearest one (the lower on a tie)."""
+        budgets = sorted({self.default_bits, *(float(p["bits"]) for p in self.weight_profiles)})
+        return min(budgets, key=lambda c: (abs(c - bits), c))
 
     def code_bits_for(self, bits: float) -> int:
         """Code bits per token available at budget ``bits`` once the scales and expected outliers are paid for."""
         return int(bits * self.coords_per_token - self.outlier_bits_per_token + 1e-9) - self.scale_bits_per_token
 
-    def weighted_distortion(self) -> dict[tuple[int, str], torch.Tensor]:
-        """``[H, D, 9]`` per (layer, kind): importance weight x eigenvalue x measured codebook MSE."""
+    def weighted_distortion(self, bits: float | None = None) -> dict[tuple[int, str], torch.Tensor]:
+        """``[H, D, 9]`` per (layer, kind): importance weight x eigenvalue x measured codebook MSE, with the weights
+        of the calibrated budget nearest ``bits`` (None: the stored weights, which serve ``default_bits``)."""
+        factors: dict[tuple[int, str], float] = {}
+        if bits is not None:
+            chosen = self.profile_bits(bits)
+            for p in self.weight_profiles:
+                if float(p["bits"]) == chosen:
+                    factors = {(l, k): float(f[i]) for l, f in zip(self.compressed_layers, p["factors"], strict=True)
+                               for i, k in enumerate(KINDS)}
         out = {}
         for l in self.compressed_layers:
             for k in KINDS:
                 w = self.tensor(l, k, "weights").double() * self.tensor(l, k, "eigenvalues").double().clamp_min(0)
-                out[(l, k)] = w.unsqueeze(-1) * self.tensor(l, k, "distortion").double()
+                out[(l, k)] = w.unsqueeze(-1) * self.tensor(l, k, "distortion").double() * factors.get((l, k), 1.0)
         return out
 
     def effective_bits(self, bits: float | None = None) -> float:
@@ -239,6 +260,15 @@ class SpectralKVConfig:
         new._alloc_cache = self._alloc_cache
         return new
 
+    def with_weight_profiles(self, profiles: list[dict[str, Any]]) -> SpectralKVConfig:
+        """A copy whose other budgets are allocated with ``profiles`` (validated; allocations recomputed)."""
+        new = copy.copy(self)
+        new.weight_profiles = check_weight_profiles(profiles, len(self.compressed_layers))
+        if any(p["bits"] == self.default_bits for p in new.weight_profiles):
+            raise ValueError(f"`weight_profiles` has a profile for default_bits ({self.default_bits:g}).")
+        new._alloc_cache = {}
+        return new
+
     def without_outliers(self) -> SpectralKVConfig:
         """A copy that keeps no exact outliers (what the fused Triton kernel reads); the allocation is recomputed
         with the bits the outliers used."""
@@ -282,6 +312,7 @@ class SpectralKVConfig:
             "sink_tokens": self.sink_tokens,
             "window": self.window,
             "group_size": self.group_size,
+            "weight_profiles": self.weight_profiles,
             "calibration": self.calibration,
             "measured": self.measured,
         }
@@ -366,6 +397,33 @@ class SpectralKVConfig:
                 commit_message=commit_message,
                 path_in_repo=path_in_repo,
             )
+
+
+def check_weight_profiles(profiles: Any, n_layers: int) -> list[dict[str, Any]]:
+    """Validated, normalised weight profiles (see :class:`SpectralKVConfig`); raise ``ValueError`` naming the fault."""
+    if not isinstance(profiles, list):
+        raise ValueError(f"`weight_profiles` must be a list, got {type(profiles).__name__}.")
+    out, seen = [], set()
+    for i, p in enumerate(profiles):
+        if not isinstance(p, dict) or set(p) != {"bits", "factors"}:
+            raise ValueError(f"weight_profiles[{i}] must be an object with exactly 'bits' and 'factors'.")
+        b = p["bits"]
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"weight_profiles[{i}].bits must be a number, got {b!r}.")
+        b = check_budget(float(b))
+        if b in seen:
+            raise ValueError(f"weight_profiles has two profiles for {b:g} bits.")
+        seen.add(b)
+        f = p["factors"]
+        ok = isinstance(f, list) and len(f) == n_layers and all(
+            isinstance(r, list) and len(r) == len(KINDS) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in r)
+            for r in f)
+        if not ok:
+            raise ValueError(f"weight_profiles[{i}].factors must be {n_layers} pairs [key, value] of finite positive "
+                             "numbers, one per compressed layer.")
+        out.append({"bits": b, "factors": [[float(x) for x in r] for r in f]})
+    return sorted(out, key=lambda p: p["bits"])
 
 
 def _resolve_files(

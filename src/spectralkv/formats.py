@@ -15,6 +15,9 @@ Versions:
 - **2**: adds ``outlier_threshold`` (exact outlier coordinates, null: off) and ``outlier_fraction`` (their measured
   share, which the allocation reserves bits for). The upgrade from 1 sets them to null and 0: no outliers, exactly
   what format 1 meant.
+- **3**: adds ``weight_profiles``: per-layer K/V weights re-fitted at other budgets (a list, possibly empty), so a
+  budget other than the default is allocated with the weights measured nearest it. The upgrade from 2 sets it to
+  ``[]``: every budget uses the stored weights, exactly what format 2 meant.
 
 Because format 0 never wrote its number, a config with *no* ``format_version`` is format 0, while a *written*
 ``format_version`` below :data:`FIRST_WRITTEN_VERSION` is unknown and refused.
@@ -29,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 UNVERSIONED = 0  # the pre-release layout: no `format_version` field
 FIRST_WRITTEN_VERSION = 1
 PRE_RELEASE_WINDOW = 32
@@ -65,6 +68,13 @@ def _no_outliers_to_2(data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
     out.setdefault("outlier_threshold", None)
     out.setdefault("outlier_fraction", 0.0)
+    return out
+
+
+@migration(2)
+def _one_weight_set_to_3(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    out.setdefault("weight_profiles", [])
     return out
 
 

@@ -34,6 +34,7 @@ def summary_text(config: SpectralKVConfig, bits: float | None = None) -> str:
     b = config.bits if bits is None else bits
     split = config.kv_split(b)
     fp16 = 2 * config.coords_per_token
+    refitted = ", ".join(f"{p['bits']:g}" for p in config.weight_profiles)
     lines = [
         f"spectralkv calibration for {config.base_model}",
         f"  layers compressed: {len(config.compressed_layers)} of {config.fingerprint['num_hidden_layers']}, "
@@ -44,6 +45,8 @@ def summary_text(config: SpectralKVConfig, bits: float | None = None) -> str:
         f"{'off' if config.outlier_threshold is None else f'>{config.outlier_threshold:g} std'})",
         f"  bytes per token: {config.bytes_per_token(b):.0f} compressed vs {fp16} fp16 "
         f"({fp16 / config.bytes_per_token(b):.1f}x smaller); sinks {config.sink_tokens}, window {config.window}",
+        f"  weights re-fitted at: {refitted or 'none'} "
+        f"(besides the default {config.default_bits:g}); {b:g} bits uses those of {config.profile_bits(b):g}",
         "",
         f"  {'layer':>5} {'K PR':>6} {'V PR':>6} {'K mean%':>8} {'K bits':>7} {'V bits':>7} {'held-out err':>13}",
     ]

@@ -44,6 +44,7 @@ REQUIRED = {
     "sink_tokens": int,
     "window": int,
     "group_size": int,
+    "weight_profiles": list,
     "tensors_sha256": str,
 }
 FINGERPRINT_INT_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
@@ -98,6 +99,16 @@ def check_schema(data: dict[str, Any], filename: str) -> None:
     for key in ("sink_tokens", "window"):
         if data[key] < 0:
             _fail(f"{filename}: {key} must be >= 0, got {data[key]}.")
+    from .config import check_weight_profiles
+
+    try:
+        profiles = check_weight_profiles(data["weight_profiles"], len(layers))
+    except ValueError as e:
+        _fail(f"{filename}: {e} The calibration is corrupt: re-download it or re-create it with "
+              "`spectralkv calibrate`.")
+    if any(p["bits"] == float(data["default_bits"]) for p in profiles):
+        _fail(f"{filename}: weight_profiles has a profile for default_bits ({data['default_bits']}), whose weights "
+              "are the stored ones; the calibration is corrupt.")
     for key in ("calibration", "measured"):
         if not isinstance(data.get(key, {}), dict):
             _fail(f"{filename}: field {key!r} must be a JSON object.")
@@ -293,6 +304,7 @@ def build_config(cls: Any, tensors: dict[str, torch.Tensor], data: dict[str, Any
             sink_tokens=data["sink_tokens"],
             window=data["window"],
             group_size=data["group_size"],
+            weight_profiles=data["weight_profiles"],
             base_model_revision=data.get("base_model_revision"),
             calibration=data.get("calibration", {}),
             measured=data.get("measured", {}),
