@@ -137,3 +137,23 @@ def test_profile_at_the_default_budget_in_an_artifact_is_refused(profiled: Spect
 def test_no_profile_budgets_means_one_set_of_weights(tiny_llama: torch.nn.Module) -> None:
     cfg = tiny_calibrate(tiny_llama, profile_budgets=())
     assert cfg.weight_profiles == [] and cfg.measured["budget_profiles"] == []
+
+
+def test_cli_flag_and_summary(profiled: SpectralKVConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--profile-budgets`` reaches calibrate (alone: none; absent: the library default); inspect names the
+    weights each budget is served with."""
+    from spectralkv import calibrate as calibrate_module
+    from spectralkv.cli import _calibrate_from_args, build_parser
+    from spectralkv.inspection import summary_text
+
+    seen: list[tuple[float, ...]] = []
+    monkeypatch.setattr(calibrate_module, "calibrate", lambda *a, **kw: seen.append(kw["profile_budgets"]))
+    parser = build_parser()
+    for argv in (["calibrate"], ["calibrate", "--profile-budgets"], ["calibrate", "--profile-budgets", "2", "4"]):
+        _calibrate_from_args(None, None, parser.parse_args(argv))
+    assert seen == [calibrate_module.PROFILE_BUDGETS, (), (2.0, 4.0)]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["calibrate", "--profile-budgets", "9"])
+    kept = profiled.weight_profiles[0]["bits"]
+    assert f"{kept:g} bits uses those of {kept:g}" in summary_text(profiled, bits=kept)
+    assert "3 bits uses those of 3" in summary_text(profiled)

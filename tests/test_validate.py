@@ -257,8 +257,19 @@ def test_wrong_layer_count(folder: Path) -> None:
 
 
 def test_fewer_layers_in_config_than_tensors(folder: Path) -> None:
-    _edit_json(folder, lambda d: d.update(compressed_layers=[0]))
+    def edit(d: dict[str, Any]) -> None:  # a config consistent in itself (its weight profiles trimmed too)
+        d.update(compressed_layers=[0])
+        for p in d["weight_profiles"]:
+            p["factors"] = p["factors"][:1]
+
+    _edit_json(folder, edit)
     _refused(folder, "unexpected tensors, e.g. 'layers.1.")
+
+
+def test_weight_profiles_must_match_the_compressed_layers(folder: Path) -> None:
+    _edit_json(folder, lambda d: d.update(compressed_layers=[0], weight_profiles=[
+        {"bits": 2.0, "factors": [[1.0, 1.0], [1.0, 1.0]]}]))
+    _refused(folder, "weight_profiles.0..factors must be 1 pairs")
 
 
 def test_shape_mismatch_with_fingerprint(folder: Path) -> None:
