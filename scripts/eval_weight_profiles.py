@@ -120,6 +120,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{p['dppl_pct']:+.2f} {ci(p['ci95_pct'])} | {r['profile_vs_default_pct']:+.2f}% "
             f"{ci(r['profile_vs_default_ci95_pct'])} | {d['key_bits']:.2f} / {d['value_bits']:.2f} | "
             f"{p['key_bits']:.2f} / {p['value_bits']:.2f} |")
+    lines += ["", "What the calibration measured (held-out weighted attention-output error at each budget; a "
+              "profile is kept where re-fitting lowers it):", "",
+              "| budget | default weights | re-fitted | kept |", "|---|---:|---:|---|"]
+    for r in meta["calibration_rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['bits']:g} | - | - | no: {r['skipped']} |")
+        else:
+            lines.append(f"| {r['bits']:g} | {r['heldout_error_default_weights']:.3e} | "
+                         f"{r['heldout_error_profile']:.3e} | {'yes' if r['kept'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -586,3 +586,31 @@ def test_outlier_slots_report(tmp_path: Path) -> None:
     assert "| 3 bit, 0 | +3.40 | [+2.90, +3.90] | - | 3.000 |" in md
     script.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- scripts/eval_weight_profiles.py --------------------------------------------------------------------------------
+def test_weight_profiles_script_end_to_end(tiny_llama: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the tiny model: each budget a profile serves runs as served and with one set of weights, the paired
+    difference is reported, and budgets the default's weights serve are left out (none at all: exit 2)."""
+    import json
+
+    from conftest import ByteTokenizer, tiny_calibrate
+
+    from spectralkv import models
+
+    script = _load("eval_weight_profiles")
+    cfg = tiny_calibrate(tiny_llama, profile_budgets=())
+    cfg = cfg.with_weight_profiles([{"bits": 2.0, "factors": [[50.0, 1.0] for _ in cfg.compressed_layers]}])
+    folder = cfg.save_pretrained(tmp_path / "cal")
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: (tiny_llama, ByteTokenizer(256)))
+    common = ["--calibration", str(folder), "--windows", "2", "--prefill", "48", "--decode", "8", "--batch-size", "2",
+              "--no-progress"]
+    assert script.main([*common, "--bits", "3", "4", "--out", str(tmp_path / "none")]) == 2
+    assert script.main([*common, "--bits", "2", "3", "--out", str(tmp_path / "out")]) == 0
+    data = json.loads((tmp_path / "out" / "weight_profiles.json").read_text())
+    (row,) = data["rows"]
+    assert (row["bits"], row["profile_bits"]) == (2.0, 2.0)
+    assert row["profile"]["key_bits"] > row["default_weights"]["key_bits"]  # the factors moved bits to keys
+    assert row["profile"]["dppl_pct"] != row["default_weights"]["dppl_pct"]
+    md = (tmp_path / "out" / "weight_profiles.md").read_text()
+    assert "| 2 (profile 2) |" in md and "profiles kept at 2)" in md

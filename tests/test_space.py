@@ -179,6 +179,7 @@ def test_inspect_shows_spectra_allocation_and_split(app: ModuleType, bundled_dir
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "2.5 bits/coord" in summary and "keys" in summary and "values" in summary
     cfg = app.get_calibration("bundled")
+    assert f"those fitted at **{cfg.profile_bits(2.5):g} bits**" in summary
     assert len(table) == len(cfg.compressed_layers)
     assert {"K bits", "V bits", "K participation ratio"} <= set(table.columns)
     assert figure is not None

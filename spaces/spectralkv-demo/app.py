@@ -449,6 +449,10 @@ def inspect_calibration(calibration: str | None = BUNDLED,
         f"{cfg.bytes_per_token(b):,.0f} B/token vs {fp16:,} B/token in fp16 "
         f"(**{fp16 / cfg.bytes_per_token(b):.1f}x** smaller). Per-token scale: {cfg.token_scale}; "
         f"key weight {cfg.key_weight:g}; smallest budget this calibration serves: {cfg.min_bits:.3f} bits.",
+        "",
+        f"Per-layer K/V weights: those fitted at **{cfg.profile_bits(b):g} bits** (calibrated at "
+        f"{', '.join(f'{x:g}' for x in sorted({cfg.default_bits, *(p['bits'] for p in cfg.weight_profiles)}))}; "
+        "a budget uses the nearest).",
     ])
     table = pd.DataFrame([{
         "layer": r["layer"],
