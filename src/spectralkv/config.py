@@ -118,10 +118,8 @@ class SpectralKVConfig:
             raise ValueError(f"`outlier_fraction` must be in [0, 1], got {self.outlier_fraction!r}.")
         if self.outlier_threshold is None:
             self.outlier_fraction = 0.0
-        self.weight_profiles = check_weight_profiles(self.weight_profiles, len(self.compressed_layers))
-        if any(p["bits"] == self.default_bits for p in self.weight_profiles):
-            raise ValueError(f"`weight_profiles` has a profile for default_bits ({self.default_bits:g}), whose "
-                             "weights are the stored ones.")
+        self.weight_profiles = check_weight_profiles(self.weight_profiles, len(self.compressed_layers),
+                                                     self.default_bits)
         self._alloc_cache: dict[float, dict[tuple[int, str], torch.Tensor]] = {}
         self._stored_allocation = True  # the ``bits`` tensors serve ``default_bits`` with these outlier settings
         if self.bits < self.min_bits:
@@ -263,9 +261,7 @@ class SpectralKVConfig:
     def with_weight_profiles(self, profiles: list[dict[str, Any]]) -> SpectralKVConfig:
         """A copy whose other budgets are allocated with ``profiles`` (validated; allocations recomputed)."""
         new = copy.copy(self)
-        new.weight_profiles = check_weight_profiles(profiles, len(self.compressed_layers))
-        if any(p["bits"] == self.default_bits for p in new.weight_profiles):
-            raise ValueError(f"`weight_profiles` has a profile for default_bits ({self.default_bits:g}).")
+        new.weight_profiles = check_weight_profiles(profiles, len(self.compressed_layers), self.default_bits)
         new._alloc_cache = {}
         return new
 
@@ -399,8 +395,8 @@ class SpectralKVConfig:
             )
 
 
-def check_weight_profiles(profiles: Any, n_layers: int) -> list[dict[str, Any]]:
-    """Validated, normalised weight profiles (see :class:`SpectralKVConfig`); raise ``ValueError`` naming the fault."""
+def check_weight_profiles(profiles: Any, n_layers: int, default_bits: float) -> list[dict[str, Any]]:
+    """Validated weight profiles (see :class:`SpectralKVConfig`) sorted by budget; ``ValueError`` names the fault."""
     if not isinstance(profiles, list):
         raise ValueError(f"`weight_profiles` must be a list, got {type(profiles).__name__}.")
     out, seen = [], set()
@@ -413,6 +409,9 @@ def check_weight_profiles(profiles: Any, n_layers: int) -> list[dict[str, Any]]:
         b = check_budget(float(b))
         if b in seen:
             raise ValueError(f"weight_profiles has two profiles for {b:g} bits.")
+        if b == default_bits:
+            raise ValueError(f"weight_profiles has a profile for default_bits ({b:g}), whose weights are the stored "
+                             "ones.")
         seen.add(b)
         f = p["factors"]
         ok = isinstance(f, list) and len(f) == n_layers and all(

@@ -102,13 +102,10 @@ def check_schema(data: dict[str, Any], filename: str) -> None:
     from .config import check_weight_profiles
 
     try:
-        profiles = check_weight_profiles(data["weight_profiles"], len(layers))
+        check_weight_profiles(data["weight_profiles"], len(layers), float(data["default_bits"]))
     except ValueError as e:
         _fail(f"{filename}: {e} The calibration is corrupt: re-download it or re-create it with "
               "`spectralkv calibrate`.")
-    if any(p["bits"] == float(data["default_bits"]) for p in profiles):
-        _fail(f"{filename}: weight_profiles has a profile for default_bits ({data['default_bits']}), whose weights "
-              "are the stored ones; the calibration is corrupt.")
     for key in ("calibration", "measured"):
         if not isinstance(data.get(key, {}), dict):
             _fail(f"{filename}: field {key!r} must be a JSON object.")
