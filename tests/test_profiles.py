@@ -101,6 +101,9 @@ def test_profiles_round_trip(profiled: SpectralKVConfig, tmp_path: Path) -> None
     assert back.weight_profiles == profiled.weight_profiles
     for p in profiled.weight_profiles:
         assert _same(back.allocation(p["bits"]), profiled.allocation(p["bits"]))
+    report = validate_calibration(tmp_path / "c")
+    kept = ", ".join(f"{p['bits']:g}" for p in profiled.weight_profiles)
+    assert report.ok and report["config schema"].message.endswith(f"weights re-fitted at: {kept}")
     card = (tmp_path / "c" / "README.md").read_text()
     assert "Other budgets" in card
     for r in profiled.measured["budget_profiles"]:

@@ -377,8 +377,10 @@ def _step_format(a: Artifact) -> str:
 def _step_schema(a: Artifact) -> str:
     check_schema(a.data, a.cfg_path.name)
     fp = a.data["fingerprint"]
+    profiles = ", ".join(f"{p['bits']:g}" for p in a.data["weight_profiles"]) or "none"
     return (f"{fp.get('model_type', '?')}: {len(a.data['compressed_layers'])} compressed of "
-            f"{fp['num_hidden_layers']} layers, {fp['num_key_value_heads']} KV heads x {fp['head_dim']}")
+            f"{fp['num_hidden_layers']} layers, {fp['num_key_value_heads']} KV heads x {fp['head_dim']}; "
+            f"weights re-fitted at: {profiles}")
 
 
 def _step_header(a: Artifact) -> str:
