@@ -111,6 +111,8 @@ def test_runner_all_methods_writes_outputs(smollm2: tuple[Any, Any], smollm2_cal
     assert fixed <= skv["bits_per_coordinate"] <= fixed + 0.25 and abs(skv["bits_per_coordinate"] - 3.0) < 0.1
     assert 0.5 < skv["fidelity"]["mean"] < 1.0 and len(skv["fidelity"]["per_layer"]) == 30
     assert skv["needle"]["total"] == 1
+    assert skv["weights_fitted_at_bits"] == smollm2_calibration.profile_bits(3.0)  # which weights served the run
+    assert results["calibration"]["weight_profiles"] == [p["bits"] for p in smollm2_calibration.weight_profiles]
     paths = write_outputs(results, tmp_path, plot=True)
     table = paths["markdown"].read_text()
     assert "| spectralkv | 3 |" in table and "| kivi | 3 | 4.000 |" in table and "Skipped" in table

@@ -151,6 +151,8 @@ def run_evaluation(
     for label, spec in by_label.items():
         rows[label] = {"label": label, "method": spec.method if spec else label,
                        "bits": spec.bits if spec else None, "backend": spec.backend if spec else None}
+        if spec and spec.method == "spectralkv" and calibration is not None and spec.bits is not None:
+            rows[label]["weights_fitted_at_bits"] = calibration.profile_bits(spec.bits)  # which profile served it
     used = 0
     if "perplexity" in tasks:
         ps = settings.perplexity
@@ -192,6 +194,7 @@ def run_evaluation(
         "calibration": None if calibration is None else {
             "base_model": calibration.base_model, "default_bits": calibration.default_bits,
             "token_scale": calibration.token_scale, "key_weight": calibration.key_weight,
+            "weight_profiles": [p["bits"] for p in calibration.weight_profiles],
             "calibration": calibration.calibration},
         "methods": list(methods),
         "budgets": [float(b) for b in budgets],
