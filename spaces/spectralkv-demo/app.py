@@ -475,10 +475,12 @@ def results_dirs() -> list[Path]:
 
 
 def _newest(folder: Path, pattern: str, prefer: str = "") -> Path | None:
+    """The file to show: named like ``prefer`` first, then the folder's own over its subfolders' (docs/results
+    holds the release table; side studies live in subfolders), then the newest."""
     files = [p for p in folder.rglob(pattern) if p.is_file()]
     if not files:
         return None
-    files.sort(key=lambda p: (prefer in p.name.lower(), p.stat().st_mtime), reverse=True)
+    files.sort(key=lambda p: (prefer in p.name.lower(), p.parent == folder, p.stat().st_mtime), reverse=True)
     return files[0]
 
 
