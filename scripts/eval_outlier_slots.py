@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from spectralkv.evaluation.cli import add_perplexity_arguments, perplexity_settings_from_args
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -39,13 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=float, nargs="+", default=[3.0], help="budgets (default: %(default)s)")
     p.add_argument("--slots", type=int, nargs="+", default=[1, 2], help="slot counts besides the cap and the "
                    "static cache's default (default: %(default)s)")
-    p.add_argument("--windows", type=int, default=24)
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--decode", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=24)
+    add_perplexity_arguments(p)
     p.add_argument("--out", type=Path, default=Path("bench_results/outlier_slots"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    args.settings = perplexity_settings_from_args(p, args)
     if any(s < 1 for s in args.slots):
         p.error(f"--slots must be >= 1, got {args.slots}")
     return args
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from spectralkv import SpectralKVConfig
     from spectralkv.evaluation.methods import make_cache
-    from spectralkv.evaluation.perplexity import PerplexitySettings, evaluation_windows, streaming_nll, summarize
+    from spectralkv.evaluation.perplexity import evaluation_windows, streaming_nll, summarize
     from spectralkv.models import load_model
     from spectralkv.static import default_outlier_slots
     from spectralkv.text import evaluation_tokens
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cap = cfg.outlier_cap
     slot_counts = sorted({s for s in [*args.slots, default_outlier_slots(cfg)] if s < cap})
-    settings = PerplexitySettings(prefill=args.prefill, decode=args.decode, windows=args.windows,
-                                  batch_size=args.batch_size)
+    settings = args.settings
     windows = evaluation_windows(evaluation_tokens(tokenizer), settings)
     factories: dict[str, Any] = {"fp16": lambda: make_cache("fp16", model)}
     labels: dict[str, tuple[float, int]] = {}

@@ -23,34 +23,34 @@ from typing import Any
 
 import torch
 
+from spectralkv.evaluation.cli import add_perplexity_arguments, perplexity_settings_from_args
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calibration", required=True, metavar="DIR", help="a spectralkv calibration of the model")
     p.add_argument("--bits", type=float, nargs="+", default=[2.0, 2.5, 4.0], help="budgets (default: %(default)s)")
-    p.add_argument("--windows", type=int, default=24)
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--decode", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=24)
+    add_perplexity_arguments(p)
     p.add_argument("--out", type=Path, default=Path("bench_results/weight_profiles"))
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.settings = perplexity_settings_from_args(p, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from spectralkv import SpectralKVConfig
     from spectralkv.evaluation.methods import make_cache
-    from spectralkv.evaluation.perplexity import PerplexitySettings, evaluation_windows, streaming_nll, summarize
+    from spectralkv.evaluation.perplexity import evaluation_windows, streaming_nll, summarize
     from spectralkv.models import load_model
     from spectralkv.text import evaluation_tokens
 
     model, tokenizer = load_model()
     cfg = SpectralKVConfig.from_pretrained(args.calibration, model=model)
     plain = cfg.with_weight_profiles([])
-    settings = PerplexitySettings(prefill=args.prefill, decode=args.decode, windows=args.windows,
-                                  batch_size=args.batch_size)
+    settings = args.settings
     windows = evaluation_windows(evaluation_tokens(tokenizer), settings)
     factories: dict[str, Any] = {"fp16": lambda: make_cache("fp16", model)}
     budgets = []

@@ -599,6 +599,11 @@ def test_weight_profiles_script_end_to_end(tiny_llama: Any, tmp_path: Path, monk
     from spectralkv import models
 
     script = _load("eval_weight_profiles")
+    for bad in (["--windows", "0"], ["--batch-size", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            script.parse_args(["--calibration", "x", *bad])
+        assert e.value.code == 2, bad
+    assert script.parse_args(["--calibration", "x"]).settings.windows == 24  # the harness's default
     cfg = tiny_calibrate(tiny_llama, profile_budgets=())
     cfg = cfg.with_weight_profiles([{"bits": 2.0, "factors": [[50.0, 1.0] for _ in cfg.compressed_layers]}])
     folder = cfg.save_pretrained(tmp_path / "cal")

@@ -140,6 +140,8 @@ def test_profile_at_the_default_budget_in_an_artifact_is_refused(profiled: Spect
 def test_no_profile_budgets_means_one_set_of_weights(tiny_llama: torch.nn.Module) -> None:
     cfg = tiny_calibrate(tiny_llama, profile_budgets=())
     assert cfg.weight_profiles == [] and cfg.measured["budget_profiles"] == []
+    with pytest.raises(ValueError, match=r"`profile_budgets` \(2.0, 9.0\): The bit budget must be in \(0, 8\]"):
+        tiny_calibrate(tiny_llama, profile_budgets=(2.0, 9.0))
 
 
 def test_cli_flag_and_summary(profiled: SpectralKVConfig, monkeypatch: pytest.MonkeyPatch) -> None:

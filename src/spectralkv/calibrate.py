@@ -157,7 +157,10 @@ def calibrate(
     the held-out error at that budget, and ``bits=`` then serves the nearest calibrated budget's weights.
     """
     bits = check_budget(bits)
-    profile_budgets = tuple(sorted({check_budget(b) for b in profile_budgets} - {bits}))
+    try:
+        profile_budgets = tuple(sorted({check_budget(b) for b in profile_budgets} - {bits}))
+    except ValueError as e:
+        raise ValueError(f"`profile_budgets` {tuple(profile_budgets)!r}: {e}") from None
     if not outlier_thresholds or any(t is not None and not t > 0 for t in outlier_thresholds):
         raise ValueError(f"`outlier_thresholds` must be a non-empty sequence of positive numbers or None, got "
                          f"{outlier_thresholds!r}.")
@@ -388,11 +391,10 @@ def calibrate(
                                  "calibration: allocation search")
     profiles, profile_rows = [], []
     for b in tqdm(profile_budgets, desc="calibration: budget profiles", disable=not progress):
-        base = chosen.config.with_bits(b) if b >= chosen.config.min_bits else None
-        if base is None:
+        if b < chosen.config.min_bits:
             profile_rows.append({"bits": b, "skipped": "below the budget the scales and outliers alone cost"})
             continue
-        base_err = heldout_error(base)[0]
+        base_err = heldout_error(chosen.config.with_bits(b))[0]
         alt, _ = search(b, [(chosen.config.token_scale, chosen.config.outlier_threshold)], f"profile {b:g} bits")
         keep = alt.error < base_err
         profile_rows.append({"bits": b, "heldout_error_default_weights": base_err, "heldout_error_profile": alt.error,

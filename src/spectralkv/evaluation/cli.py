@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
+from .perplexity import PerplexitySettings
 from .runner import DEFAULT_BUDGETS, DEFAULT_HF_BUDGETS, TASKS, EvalSettings, run_evaluation, write_outputs
 
 
@@ -82,6 +83,25 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     s.needle.__post_init__()
     s.__post_init__()
     return s
+
+
+def add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--windows --prefill --decode --batch-size`` with the harness's defaults, for scripts that run only the
+    streaming perplexity (the side studies in scripts/)."""
+    d = PerplexitySettings()
+    parser.add_argument("--windows", type=int, default=d.windows, help="perplexity windows (default: %(default)s)")
+    parser.add_argument("--prefill", type=int, default=d.prefill, help="prefill per window (default: %(default)s)")
+    parser.add_argument("--decode", type=int, default=d.decode, help="scored decode steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per batch (default: %(default)s)")
+
+
+def perplexity_settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> PerplexitySettings:
+    """The settings :func:`add_perplexity_arguments` parsed; a bad value is a usage error naming the option."""
+    try:
+        return PerplexitySettings(prefill=args.prefill, decode=args.decode, windows=args.windows,
+                                  batch_size=args.batch_size)
+    except ValueError as e:
+        parser.error(f"{e} (--windows, --prefill, --decode and --batch-size must be >= 1)")
 
 
 def _is_existing_or_hub(name: str) -> bool:
