@@ -17,6 +17,11 @@ The math is in :mod:`spectralkv.kernels.ref` (``decode_attention_ref``, which is
   full-precision tokens (sinks + recent window + new token, model dtype, original basis), the same online softmax
   over ``[B, Hkv, W, D]`` tensors. Each split writes its unnormalised accumulator, running max and running sum; an
   empty split (past the end, or fully masked) writes max ``-inf`` and sum 0.
+* Position-centred keys (constexpr ``K_POS``, RoPE-aware calibrations): each compressed token's score gains
+  ``q . R_p m = (q * m) . cos(p w) + (q * rotate_half(m)) . sin(p w)``, two more ``tl.dot`` per tile against the
+  tile's cos/sin, computed from the row's first position plus the token index (the angles reduced modulo 2 pi in
+  float64, so positions far into a long context keep their precision; the host prologue forms ``q * m`` and
+  ``q * rotate_half(m)``). Nothing else changes: no per-token metadata is read.
 * Stage 2, grid ``(B, Hkv)``: merges the compressed splits by log-sum-exp in the rotated basis, un-rotates once
   (``o_rot @ Dec_v + mu_v``), merges the full-precision split by log-sum-exp in the original basis, and writes
   ``[B, Hq, D]`` in the query dtype.
@@ -136,9 +141,13 @@ def _stage1_kernel(
     vf_ptr, svf_b, svf_h, svf_t, svf_d,
     fm_ptr, sfm_b, sfm_t,  # full-precision mask [B, W], read when HAS_FP_MASK
     acc_ptr, m_ptr, l_ptr,  # [B, Hkv, S, G, D], [B, Hkv, S, G] float32
+    qp_ptr,  # [B, Hkv, G, 2, D] float32: q * m and q * rotate_half(m), read when K_POS
+    kp_ptr, skp_b,  # [B, 1] int64 position of each row's first compressed token, read when K_POS
+    freq_ptr,  # [D] float64 RoPE frequencies, read when K_POS
     N, W, split_len, n_comp_splits, qk_scale,
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    K_POS: tl.constexpr,
     K_SCALE: tl.constexpr,
     V_SCALE: tl.constexpr,
     K_OUT: tl.constexpr,
@@ -185,6 +194,12 @@ def _stage1_kernel(
         v_sh = tl.load(v_sh_ptr + meta, mask=dmask, other=0)
         v_hoff = tl.load(v_hoff_ptr + h)
         v_hb = tl.load(v_hb_ptr + h)
+        if K_POS:
+            qp_row = (bh * G + offs_g[:, None]) * 2 * HEAD_DIM + offs_d[None, :]
+            q_cos = tl.load(qp_ptr + qp_row, mask=gd_mask, other=0.0) * qk_scale
+            q_sin = tl.load(qp_ptr + qp_row + HEAD_DIM, mask=gd_mask, other=0.0) * qk_scale
+            freq = tl.load(freq_ptr + offs_d, mask=dmask, other=0.0)
+            first_pos = tl.load(kp_ptr + b * skp_b)
         start = s * split_len
         end = tl.minimum(start + split_len, N)
         if HAS_LENGTHS:  # a preallocated (static) buffer: only its first rows hold tokens; later tiles are not read
@@ -206,6 +221,11 @@ def _stage1_kernel(
             if K_SCALE:
                 sk = tl.load(ks_ptr + b * sks_b + offs_t64 * sks_t + h * sks_h, mask=tmask, other=0.0)
                 sc = sc * sk.to(tl.float32)[None, :]
+            if K_POS:
+                ang = (first_pos + offs_t64).to(tl.float64)[:, None] * freq[None, :]  # [BLOCK_T, BLOCK_D]
+                ang = (ang - 6.283185307179586 * tl.floor(ang / 6.283185307179586)).to(tl.float32)
+                sc += tl.dot(q_cos, tl.trans(tl.cos(ang)), input_precision="ieee")
+                sc += tl.dot(q_sin, tl.trans(tl.sin(ang)), input_precision="ieee")
             sc = tl.where(tmask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -404,6 +424,9 @@ def _decode_attention_launch(
     v_out_starts: torch.Tensor | None,
     v_out_index: torch.Tensor | None,
     v_out_values: torch.Tensor | None,
+    k_pos_first: torch.Tensor | None,
+    k_pos_mean: torch.Tensor | None,
+    k_pos_freq: torch.Tensor | None,
     k_fp: torch.Tensor | None,
     v_fp: torch.Tensor | None,
     comp_mask: torch.Tensor | None,
@@ -427,7 +450,16 @@ def _decode_attention_launch(
     dev = q.device
     out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     # the only host-side math: [q @ Dec_k^T, q . mu_k] in one batched product
-    qx = torch.einsum("bhgd,hed->bhge", q.float().view(b, hkv, g, d), k_decoder_mean).contiguous()
+    qf = q.float().view(b, hkv, g, d)
+    qx = torch.einsum("bhgd,hed->bhge", qf, k_decoder_mean).contiguous()
+    k_pos = k_pos_first is not None and n > 0
+    if k_pos:  # q * m and q * rotate_half(m), for the per-token q . R_p m
+        m_half = torch.cat([-k_pos_mean[:, d // 2 :], k_pos_mean[:, : d // 2]], dim=-1)
+        qp = torch.stack([qf * k_pos_mean[None, :, None, :], qf * m_half[None, :, None, :]], dim=3).contiguous()
+        kp = k_pos_first.to(torch.int64)
+        freq = k_pos_freq.to(torch.float64).contiguous()
+    else:
+        qp = kp = freq = qx
     split_len = -(-max(n, 1) // max(n_comp, 1))
     split_len = -(-split_len // block_t) * block_t
     n_split = n_comp + int(has_window)
@@ -462,9 +494,11 @@ def _decode_attention_launch(
             vf, *(vf.stride() if has_window else (0,) * 4),
             fm if fm is not None else k_codes, *_strides(fm, 2),
             acc, m, l,
+            qp, kp, kp.stride(0) if k_pos else 0, freq,
             n, w, split_len, n_comp, qk_scale,
             G=g,
             HEAD_DIM=d,
+            K_POS=k_pos,
             K_SCALE=k_scales is not None,
             V_SCALE=v_scales is not None,
             K_OUT=k_out_counts is not None,
@@ -518,6 +552,7 @@ def decode_attention_launch(
     k_outliers: Outliers | SlotOutliers | None = None,
     v_outliers: Outliers | SlotOutliers | None = None,
     comp_lengths: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_t: int = 32,
     unpack: str = "gather",
@@ -526,7 +561,8 @@ def decode_attention_launch(
 ) -> torch.Tensor:
     """Check and flatten the arguments and run the ``spectralkv::decode_attention_packed`` op (arguments as in
     :func:`decode_attention`, with the quantizers replaced by their :class:`SpectralTables` and the outliers given
-    separately)."""
+    separately; ``k_positions`` ``[B, 1]``: each row's first compressed position, for position-centred keys, whose
+    tables then carry the pre-RoPE mean and frequencies)."""
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack must be one of {UNPACK_MODES}, got {unpack!r}.")
     if lookup not in LOOKUP_MODES:
@@ -542,12 +578,15 @@ def decode_attention_launch(
         k_fp = v_fp = fp_mask = None
     if k_codes.shape[1] == 0 and k_fp is None:
         raise ValueError("no tokens to attend to.")
+    if (kt.position_mean is not None) != (k_positions is not None) and k_codes.shape[1] > 0:
+        raise ValueError("position-centred keys need k_positions (each row's first position), and only they take it.")
+    pos_args = (k_positions, kt.position_mean, kt.frequencies) if k_positions is not None else (None, None, None)
     return _decode_attention_op(
         q,
         k_codes, k_scales, kt.nbits, kt.byte_index, kt.shift, kt.head_offset, kt.head_bytes, kt.centroids,
         kt.decoder_mean, kt.max_head_bytes, *_side_outliers(k_outliers),
         v_codes, v_scales, vt.nbits, vt.byte_index, vt.shift, vt.head_offset, vt.head_bytes, vt.centroids,
-        vt.decoder, vt.mean, vt.max_head_bytes, *_side_outliers(v_outliers),
+        vt.decoder, vt.mean, vt.max_head_bytes, *_side_outliers(v_outliers), *pos_args,
         k_fp, v_fp, comp_mask, comp_lengths, fp_mask, float(scaling), max(1, int(num_splits)), int(block_t), unpack,
         lookup, int(num_warps),
     )
@@ -582,9 +621,12 @@ def decode_attention(
     _, _, _, d = _check(q, k, v, k_fp, v_fp)
     scaling = d**-0.5 if scaling is None else float(scaling)
     kt, vt = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
+    k_positions = k.positions if k.quantizer.position_centred and k.length else None
+    if k.quantizer.position_centred and k.length and k_positions is None:
+        k.token_positions()  # raises, saying what is missing
     return decode_attention_launch(q, kt, k.codes, k.scales, vt, v.codes, v.scales, k_fp, v_fp, comp_mask, fp_mask,
                                    scaling, k_outliers=k.outliers, v_outliers=v.outliers, comp_lengths=comp_lengths,
-                                   num_splits=num_splits,
+                                   k_positions=k_positions, num_splits=num_splits,
                                    block_t=block_t, unpack=unpack, lookup=lookup, num_warps=num_warps)
 
 

@@ -53,6 +53,8 @@ class SpectralTables:
     encoder: torch.Tensor  # [H, D, D] float32: z = (x - mean) @ encoder[h]
     decoder: torch.Tensor  # [H, D, D] float32: x = mean + z @ decoder[h]
     decoder_mean: torch.Tensor  # [H, D + 1, D] float32: decoder rows, then the mean (q @ it.T = [q_rot, q . mean])
+    position_mean: torch.Tensor | None = None  # [H, D] float32 pre-RoPE mean m (position-centred keys only)
+    frequencies: torch.Tensor | None = None  # [D] float32 RoPE frequencies (with position_mean)
 
 
 def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> SpectralTables:
@@ -83,6 +85,8 @@ def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> Sp
         encoder=q.encoder.float().contiguous().to(dev),
         decoder=q.decoder.float().contiguous().to(dev),
         decoder_mean=torch.cat([q.decoder.float(), q.mean.float()[:, None, :]], dim=1).contiguous().to(dev),
+        position_mean=None if q.position_mean is None else q.position_mean.float().contiguous().to(dev),
+        frequencies=None if q.frequencies is None else q.frequencies.float().contiguous().to(dev),
     )
 
 

@@ -7,7 +7,9 @@ quantizer's decoder, rows indexed by packing-order coordinates) and ``z_hat = s 
 
 so the query is rotated once per step, and the score of a compressed token needs only its codes, its scale and a
 table lookup per coordinate (``q . mu`` is the same for every compressed token of a head); an exact outlier
-coordinate simply replaces its centroid. For the values,
+coordinate simply replaces its centroid. Position-centred keys (RoPE-aware, :mod:`spectralkv.positions`) add one
+term per token, ``q . R_p m = (q * m) . cos(p w) + (q * rotate_half(m)) . sin(p w)``: two more products with the
+token's cos/sin, computed from its position (the store keeps each row's first; tokens are consecutive). For the values,
 ``sum_t p_t v_t = (sum_t p_t) mu_v + (sum_t p_t z_hat_t) @ Dec_v``: the softmax-weighted sum is accumulated in the
 rotated basis and un-rotated once at the end.
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spectralkv.positions import position_features, rotate_half
 from spectralkv.quantizer import Outliers, SlotOutliers, SpectralQuantizer
 
 from .layout import SpectralTables, tables_for
@@ -39,10 +42,30 @@ class PackedSide:
     codes: torch.Tensor  # [B, N, row_bytes] uint8
     scales: torch.Tensor | None  # [B, N, H] fp16
     outliers: Outliers | SlotOutliers | None = None  # CSR (counts [B, N], token-major entries) or fixed slots
+    positions: torch.Tensor | None = None  # [B, 1] position of each row's first token (position-centred keys)
 
     @property
     def length(self) -> int:
         return self.codes.shape[1]
+
+    def token_positions(self) -> torch.Tensor | None:
+        """``[B, N]`` positions of the tokens (None unless the quantizer is position-centred)."""
+        if not self.quantizer.position_centred:
+            return None
+        if self.positions is None:
+            raise ValueError("These keys are position-centred: their PackedSide needs `positions` (each row's first).")
+        return self.positions + torch.arange(self.length, device=self.positions.device)
+
+
+def position_scores(qf: torch.Tensor, k: PackedSide) -> torch.Tensor | None:
+    """``q . R_p m`` ``[B, Hkv, G, N]`` for position-centred keys (None otherwise), from ``qf`` ``[B, Hkv, G, D]``."""
+    pos = k.token_positions()
+    if pos is None:
+        return None
+    quant = k.quantizer
+    cos, sin = position_features(pos.to(qf.device), quant.frequencies)  # [B, N, D]
+    m = quant.position_mean.to(qf.device)[None, :, None, :]
+    return (torch.einsum("bhgd,bnd->bhgn", qf * m, cos) + torch.einsum("bhgd,bnd->bhgn", qf * rotate_half(m), sin))
 
 
 def encode_ref(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -137,6 +160,9 @@ def decode_attention_ref(
         q_rot = torch.einsum("bhgd,hed->bhge", qf, tk.decoder)
         zk = decode_rotated_ref(tk, k.codes, k.scales, k.outliers)  # [B, Hkv, N, D]
         sc = torch.einsum("bhge,bhne->bhgn", q_rot, zk) + torch.einsum("bhgd,hd->bhg", qf, tk.mean)[..., None]
+        pos_sc = position_scores(qf, k)
+        if pos_sc is not None:
+            sc = sc + pos_sc
         sc = sc * scaling
         if comp_lengths is not None:
             in_use = torch.arange(n, device=q.device) < comp_lengths.to(q.device).reshape(b, 1)

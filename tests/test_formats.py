@@ -27,7 +27,7 @@ def _to_format_0(folder: Path) -> None:
     """Rewrite a current config in the documented pre-release layout (see ``spectralkv.formats``)."""
     def edit(d: dict[str, Any]) -> None:
         for key in ("format_version", "spectralkv_version", "window", "group_size", "outlier_threshold",
-                    "outlier_fraction", "weight_profiles"):
+                    "outlier_fraction", "weight_profiles", "position_centring"):
             d.pop(key)
 
     _edit_json(folder, edit)
@@ -39,6 +39,7 @@ def _to_format_1(folder: Path) -> None:
         d.pop("outlier_threshold")
         d.pop("outlier_fraction")
         d.pop("weight_profiles")
+        d.pop("position_centring")
         d["format_version"] = 1
 
     _edit_json(folder, edit)
@@ -48,9 +49,36 @@ def _to_format_2(folder: Path) -> None:
     """Rewrite a current config in format 2 (one set of weights for every budget)."""
     def edit(d: dict[str, Any]) -> None:
         d.pop("weight_profiles")
+        d.pop("position_centring")
         d["format_version"] = 2
 
     _edit_json(folder, edit)
+
+
+def _to_format_3(folder: Path) -> None:
+    """Rewrite a current (unpositioned) config in format 3 (keys centred on their mean alone)."""
+    def edit(d: dict[str, Any]) -> None:
+        d.pop("position_centring")
+        d["format_version"] = 3
+
+    _edit_json(folder, edit)
+
+
+def test_format_3_upgraded_to_no_position_centring(folder: Path, tiny_llama_calibration: SpectralKVConfig) -> None:
+    """Format 3 centred keys on their mean: the upgrade says so, and the quantizers need no positions."""
+    _to_format_3(folder)
+    cfg = SpectralKVConfig.from_pretrained(folder)
+    assert (cfg.format_version, cfg.position_centring) == (formats.FORMAT_VERSION, None)
+    assert not any(q.position_centred for q in cfg.quantizers().values())
+    report = validate_calibration(folder)
+    assert report.ok, report.format()
+    assert report["format version"].message.startswith(f"format 3, upgraded to format {formats.FORMAT_VERSION}")
+
+
+def test_current_format_requires_the_position_centring_field(folder: Path) -> None:
+    _edit_json(folder, lambda d: d.pop("position_centring"))
+    with pytest.raises(CalibrationFormatError, match="position_centring"):
+        SpectralKVConfig.from_pretrained(folder)
 
 
 def test_format_2_upgraded_to_no_weight_profiles(folder: Path, tiny_llama_calibration: SpectralKVConfig) -> None:
@@ -63,7 +91,7 @@ def test_format_2_upgraded_to_no_weight_profiles(folder: Path, tiny_llama_calibr
         assert all(torch.equal(t, plain.allocation(b)[key]) for key, t in cfg.allocation(b).items())
     report = validate_calibration(folder)
     assert report.ok, report.format()
-    assert report["format version"].message.startswith("format 2, upgraded to format 3")
+    assert report["format version"].message.startswith(f"format 2, upgraded to format {formats.FORMAT_VERSION}")
 
 
 def test_format_1_upgraded_to_no_outliers(folder: Path) -> None:

@@ -69,14 +69,15 @@ def _bits_row(mix: dict[int, Any], d: int, g: torch.Generator) -> torch.Tensor:
 
 
 def make_quantizer(heads: int, d: int, mix: str, token_scale: bool = True, seed: int = 0,
-                   outlier_threshold: float | None = None, outlier_cap: int | None = None) -> SpectralQuantizer:
+                   outlier_threshold: float | None = None, outlier_cap: int | None = None,
+                   **position_terms: torch.Tensor) -> SpectralQuantizer:
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(heads, d, d, generator=g)).Q
     eig = torch.logspace(1, -2, d).expand(heads, d) * (1 + torch.rand(heads, d, generator=g))
     mean = 2 * torch.randn(heads, d, generator=g)
     bits = torch.stack([_bits_row(MIXES[mix][h % len(MIXES[mix])], d, g) for h in range(heads)])
     return SpectralQuantizer(mean, basis, eig, _codebooks(seed % 2), bits, token_scale,
-                             outlier_threshold=outlier_threshold, outlier_cap=outlier_cap)
+                             outlier_threshold=outlier_threshold, outlier_cap=outlier_cap, **position_terms)
 
 
 def make_tokens(q: SpectralQuantizer, b: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -265,7 +266,8 @@ def make_case(
 def sdpa_over_decoded(case: dict[str, Any]) -> torch.Tensor:
     """Plain SDPA over SpectralQuantizer.decode output + the full-precision tokens (fp32)."""
     k, v = case["k"], case["v"]
-    keys = torch.cat([k.quantizer.decode(k.codes, k.scales, torch.float32, k.outliers), case["k_fp"].float()], 2)
+    keys = torch.cat([k.quantizer.decode(k.codes, k.scales, torch.float32, k.outliers,
+                                         positions=k.token_positions()), case["k_fp"].float()], 2)
     values = torch.cat([v.quantizer.decode(v.codes, v.scales, torch.float32, v.outliers), case["v_fp"].float()], 2)
     b, n = k.codes.shape[:2]
     w = case["k_fp"].shape[2]
@@ -672,3 +674,58 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "_TRITON_STATE", {"modules": None, "error": ImportError("no triton")})
     with pytest.warns(RuntimeWarning, match="falls back"):
         assert not fused.use_triton("auto", torch.device("cuda"))
+
+
+# -- position-centred keys (RoPE-aware calibrations) --------------------------------------------------------------
+def positioned_case(g: int, d: int, mix_k: str, n: int, window: int, first: list[int], *, hkv: int = 2,
+                    seed: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """:func:`make_case` whose keys carry a pre-RoPE mean rotated to each token's position, encoded by a
+    position-centred quantizer; row ``b``'s first compressed token sits at position ``first[b]``."""
+    from spectralkv.positions import position_features, rotate
+
+    case = make_case(g, d, mix_k, "3bit", n, window, b=len(first), hkv=hkv, seed=seed, **kwargs)
+    gen = torch.Generator().manual_seed(seed + 7)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    m = 3 * torch.randn(hkv, d, generator=gen)
+    qk = make_quantizer(hkv, d, mix_k, kwargs.get("k_scale", True), seed=seed, position_mean=m,
+                        frequencies=torch.cat([inv, inv]))
+    start = torch.tensor(first)[:, None]
+    positions = start + torch.arange(n)
+    cos, sin = position_features(positions, qk.frequencies)
+    rotating = rotate(m[None, :, None, :], cos[:, None], sin[:, None]).to(DEV)
+    keys = make_tokens(qk, len(first), n, seed=seed + 2) + rotating
+    kc, ks, ko = qk.encode_with_outliers(keys, positions=positions.to(DEV))
+    return {**case, "k": PackedSide(qk, kc, ks, ko, start.to(DEV))}
+
+
+def test_reference_with_positioned_keys_equals_sdpa_over_decode() -> None:
+    case = positioned_case(3, 64, "2.5bit", 37, 5, [4, 1000], masks="ragged")
+    got = decode_attention_ref(**case)
+    torch.testing.assert_close(got, sdpa_over_decoded(case), atol=1e-5, rtol=1e-5)
+    k = case["k"]
+    shifted = {**case, "k": PackedSide(k.quantizer, k.codes, k.scales, k.outliers, k.positions + 17)}
+    assert (decode_attention_ref(**shifted) - got).abs().max() > 1e-3  # the position term matters
+    with pytest.raises(ValueError, match="needs `positions`"):
+        decode_attention_ref(**{**case, "k": PackedSide(k.quantizer, k.codes, k.scales, k.outliers)})
+
+
+POSITIONED_CASES = [  # (g, d, mix_k, n, window, first, splits, block_t, dtype)
+    (3, 64, "2.5bit", 45, 4, [4, 37], 3, 16, torch.float32),
+    (4, 80, "all-widths", 30, 2, [100_000, 5], 2, 16, torch.float32),  # far positions: angles reduced in fp64
+    (1, 64, "4bit", 20, 3, [6, 6], 1, 32, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("g,d,mix_k,n,window,first,splits,block_t,dtype", POSITIONED_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_decode_attention_kernel_with_positioned_keys(g: int, d: int, mix_k: str, n: int, window: int,
+                                                      first: list[int], splits: int, block_t: int,
+                                                      dtype: torch.dtype) -> None:
+    from spectralkv.kernels.decode_attention import decode_attention
+
+    case = positioned_case(g, d, mix_k, n, window, first, dtype=dtype, seed=g + d)
+    out = decode_attention(**case, num_splits=splits, block_t=block_t)
+    exact = decode_attention_ref(**{**case, "q": case["q"].float(), "k_fp": case["k_fp"].float(),
+                                    "v_fp": case["v_fp"].float()})
+    same_dtype_err = (decode_attention_ref(**case).float() - exact).abs().max().item()
+    assert (out.float() - exact).abs().max().item() <= 2 * same_dtype_err + ABS_FLOOR

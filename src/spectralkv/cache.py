@@ -62,16 +62,40 @@ class OutlierBuffer:
 
 class SpectralStore(TokenStore):
     """Packed code rows ``[B, N, row_bytes]`` (uint8), optional fp16 per-token scales ``[B, N, H]``, and the exact
-    outliers when the quantizer keeps them."""
+    outliers when the quantizer keeps them.
+
+    With a position-centred quantizer (RoPE-aware keys) ``append`` takes the tokens' positions; the store keeps only
+    each row's first position, since a cache layer appends consecutive positions (no per-token metadata)."""
 
     def __init__(self, quantizer: SpectralQuantizer) -> None:
         self.quantizer = quantizer
+        self.needs_positions = quantizer.position_centred
         self.codes = GrowableBuffer()
         self.scales = GrowableBuffer()
         self.outliers = OutlierBuffer()
+        self.first_position: torch.Tensor | None = None  # [B, 1] position of each row's first stored token
 
-    def append(self, x: torch.Tensor) -> None:
-        packed, scales, outliers = self.quantizer.encode_with_outliers(x)
+    def _positions(self, start: int, stop: int) -> torch.Tensor | None:
+        return None if self.first_position is None else self.first_position + torch.arange(
+            start, stop, device=self.first_position.device)
+
+    def _check_positions(self, x: torch.Tensor, positions: torch.Tensor | None) -> None:
+        if not self.needs_positions:
+            return
+        if positions is None:
+            raise ValueError("This store's quantizer centres keys on their RoPE positions: append(x, positions=...).")
+        positions = torch.as_tensor(positions, device=x.device).long()
+        positions = positions.expand(x.shape[0], x.shape[2]) if positions.dim() == 2 else positions.expand(
+            x.shape[0], -1)
+        if self.first_position is None:
+            self.first_position = positions[:, :1].clone()
+        elif not torch.equal(positions, self._positions(len(self), len(self) + x.shape[2])):
+            raise ValueError("A position-centred store holds consecutive positions; these do not follow the last "
+                             "stored token's.")
+
+    def append(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        self._check_positions(x, positions)
+        packed, scales, outliers = self.quantizer.encode_with_outliers(x, positions=positions)
         self.codes.append(packed)
         if scales is not None:
             self.scales.append(scales)
@@ -82,13 +106,15 @@ class SpectralStore(TokenStore):
         codes = self.codes.view()
         if codes is None or codes.shape[1] == 0:
             return None
-        return self.quantizer.decode(codes, self.scales.view(), dtype, self.outliers.view())
+        return self.quantizer.decode(codes, self.scales.view(), dtype, self.outliers.view(),
+                                     positions=self._positions(0, len(self)))
 
     def decode_tail(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """The last ``n`` tokens decoded (the rest untouched)."""
         codes = self.codes.view()[:, -n:]
         scales = self.scales.view()
-        return self.quantizer.decode(codes, None if scales is None else scales[:, -n:], dtype, self.outliers.view(n))
+        return self.quantizer.decode(codes, None if scales is None else scales[:, -n:], dtype, self.outliers.view(n),
+                                     positions=self._positions(len(self) - n, len(self)))
 
     def __len__(self) -> int:
         return self.codes.length
@@ -97,6 +123,8 @@ class SpectralStore(TokenStore):
         self.codes.select_batch(index)
         self.scales.select_batch(index)
         self.outliers.select_batch(index)
+        if self.first_position is not None:
+            self.first_position = self.first_position.index_select(0, index.to(self.first_position.device))
 
     def memory(self) -> dict[str, int]:
         return {"codes": self.codes.nbytes, "metadata": self.scales.nbytes + self.outliers.nbytes}

@@ -33,9 +33,11 @@ from . import __version__
 from .allocation import allocate, check_budget
 from .capture import capture_attention
 from .codebook import distortion_table, fit_codebooks
-from .config import KINDS, SpectralKVConfig, tensor_name
+from .config import KINDS, ROPE_FREQUENCIES, SpectralKVConfig, tensor_name
 from .fingerprint import check_supported, compressed_layers, fingerprint
 from .moments import MomentAccumulator, eigh_descending, participation_ratio
+from .positions import POSITION_CENTRINGS, PositionMoments, model_rope_frequencies, position_features
+from .positions import rotate as rope_rotate
 from .quantizer import SCALE_FLOOR
 from .sensitivity import attention_output_gradients, fisher_error
 from .text import calibration_tokens, windows
@@ -140,6 +142,7 @@ def calibrate(
     weighting: str = "fisher",
     outlier_thresholds: tuple[float | None, ...] = OUTLIER_THRESHOLDS,
     profile_budgets: tuple[float, ...] = PROFILE_BUDGETS,
+    position_centring: str | None = None,
 ) -> SpectralKVConfig:
     """Calibrate ``model`` on ``text`` and return a config serving budget ``bits`` (and any other budget).
 
@@ -155,6 +158,9 @@ def calibrate(
     ``profile_budgets``: other budgets to re-fit the per-layer K/V weights and the key weight at (the scale mode,
     outlier threshold and codebooks stay those chosen at ``bits``); a budget's profile is kept only where it lowers
     the held-out error at that budget, and ``bits=`` then serves the nearest calibrated budget's weights.
+    ``position_centring="rope"``: centre each key on the pre-RoPE key mean rotated to its position (see
+    :mod:`spectralkv.positions`); the basis, codebooks and allocation then describe the residual. On SmolLM2 it cut
+    the relative key error by 20-28% inside the calibration's sequence length and 2.5-4.5x beyond it.
     """
     bits = check_budget(bits)
     try:
@@ -164,6 +170,8 @@ def calibrate(
     if not outlier_thresholds or any(t is not None and not t > 0 for t in outlier_thresholds):
         raise ValueError(f"`outlier_thresholds` must be a non-empty sequence of positive numbers or None, got "
                          f"{outlier_thresholds!r}.")
+    if position_centring not in POSITION_CENTRINGS:
+        raise ValueError(f"`position_centring` must be one of {POSITION_CENTRINGS}, got {position_centring!r}.")
     if weighting not in ("fisher", "output"):
         raise ValueError(f"`weighting` must be 'fisher' or 'output', got {weighting!r}.")
     check_supported(model)
@@ -193,10 +201,13 @@ def calibrate(
     gen = torch.Generator().manual_seed(seed)
     layer_set = set(layers)
 
+    freqs = model_rope_frequencies(model, d) if position_centring else None
     # 1. fit pass -----------------------------------------------------------------------------------------------
-    mom = {(l, k): MomentAccumulator(h, d) for l in layers for k in KINDS}
+    mom = {(l, k): MomentAccumulator(h, d) for l in layers for k in KINDS if not (freqs is not None and k == "k")}
+    pos_mom = {l: PositionMoments(h, d, freqs) for l in layers} if freqs is not None else {}
+    sample_positions: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     qmom = {l: MomentAccumulator(h, d) for l in layers}
-    samples: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in mom}
+    samples: dict[tuple[int, str], list[torch.Tensor]] = {(l, k): [] for l in layers for k in KINDS}
     w_o: dict[int, torch.Tensor | None] = {}
     scaling: dict[int, float] = {}
 
@@ -207,9 +218,13 @@ def calibrate(
             w_o[l] = _o_proj_weight(module)
             scaling[l] = float(getattr(module, "scaling", d**-0.5))
         pick = torch.randperm(k.shape[2] - sink_tokens, generator=gen)[:SAMPLES_PER_SEQUENCE] + sink_tokens
+        sample_positions[l].append(pick)  # calibration sequences start at position 0
         for kind, x in (("k", k), ("v", v)):
             xs = x[0, :, sink_tokens:].float()
-            mom[(l, kind)].update(xs)
+            if (l, kind) in mom:
+                mom[(l, kind)].update(xs)
+            else:
+                pos_mom[l].update(xs, torch.arange(sink_tokens, x.shape[2]))
             samples[(l, kind)].append(x[0, :, pick].float().cpu())
         g = hq // h
         qs = q[0, :, sink_tokens:].float().reshape(h, g, -1, d).reshape(h, -1, d)  # query j uses KV head j // g
@@ -223,9 +238,19 @@ def calibrate(
     for l in layers:
         row: dict[str, Any] = {"layer": l}
         for kind in KINDS:
-            m = mom[(l, kind)]
-            lam, vec = eigh_descending(m.covariance())
-            mu = m.mean()
+            if (l, kind) in mom:
+                m = mom[(l, kind)]
+                cov, mu = m.covariance(), m.mean()
+                raw_mean, energy = mu, m.second_moment().diagonal(dim1=-2, dim2=-1).sum(-1)
+            else:
+                pm = pos_mom[l]
+                position_mean, mu, cov = pm.residual()
+                tensors[tensor_name(l, kind, "position_mean")] = position_mean.float()
+                raw_mean, energy = pm.raw_mean(), pm.raw_second_moment_trace()
+                # share of the key energy the per-position centre removes (the mean alone removes k_mean_energy)
+                row[f"{kind}_centre_energy"] = float((1 - cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+                                                      / energy.clamp_min(1e-30)).mean())
+            lam, vec = eigh_descending(cov)
             if kind == "k":
                 qq = qmom[l].second_moment() * (hq // h)  # summed over the query heads of the group
                 weight = torch.einsum("hdi,hde,hei->hi", vec, qq, vec)
@@ -242,8 +267,7 @@ def calibrate(
             tensors[tensor_name(l, kind, "basis")] = vec.float()
             tensors[tensor_name(l, kind, "eigenvalues")] = lam.float()
             tensors[tensor_name(l, kind, "weights")] = weight.clamp_min(0).float()
-            energy = m.second_moment().diagonal(dim1=-2, dim2=-1).sum(-1)
-            row[f"{kind}_mean_energy"] = float((mu.pow(2).sum(-1) / energy.clamp_min(1e-30)).mean())
+            row[f"{kind}_mean_energy"] = float((raw_mean.pow(2).sum(-1) / energy.clamp_min(1e-30)).mean())
             row[f"{kind}_participation_ratio"] = float(participation_ratio(lam).mean())
             row[f"{kind}_top8_energy"] = float((lam[:, :8].sum(-1) / lam.sum(-1).clamp_min(1e-30)).mean())
         measured_layers.append(row)
@@ -254,6 +278,16 @@ def calibrate(
     norm = tot["v"] / max(tot["k"], 1e-30)
     for l in layers:
         tensors[tensor_name(l, "k", "weights")] *= norm
+    if freqs is not None:
+        tensors[ROPE_FREQUENCIES] = freqs
+
+    def uncentred(l: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., H, N, D]`` at ``positions`` ``[N]`` less its per-position centre term ``R_p m`` (keys of a
+        position-centred calibration; otherwise ``x``), ready for :func:`_standardise` with the mean."""
+        if freqs is None or kind != "k":
+            return x
+        cos, sin = position_features(positions, freqs)
+        return x - rope_rotate(tensors[tensor_name(l, kind, "position_mean")][:, None, :], cos, sin)
 
     # 3. held-out pass ---------------------------------------------------------------------------------------------
     held: dict[int, dict[str, list[torch.Tensor]]] = {l: {"q": [], "k": [], "v": []} for l in layers}
@@ -279,8 +313,11 @@ def calibrate(
                 mean = tensors[tensor_name(l, kind, "mean")]
                 basis = tensors[tensor_name(l, kind, "basis")]
                 lam = tensors[tensor_name(l, kind, "eigenvalues")]
-                z_fit = _standardise(torch.cat(samples[(l, kind)], 1), mean, basis, lam)
-                x_held = getattr(heldout[l], kind)[:, :, sink_tokens:].transpose(0, 1).reshape(h, -1, d)
+                fit_x = uncentred(l, kind, torch.cat(samples[(l, kind)], 1), torch.cat(sample_positions[l]))
+                z_fit = _standardise(fit_x, mean, basis, lam)
+                x_held = getattr(heldout[l], kind)[:, :, sink_tokens:]
+                x_held = uncentred(l, kind, x_held, torch.arange(sink_tokens, sink_tokens + x_held.shape[2]))
+                x_held = x_held.transpose(0, 1).reshape(h, -1, d)
                 z_held = _standardise(x_held, mean, basis, lam)
                 scale = None
                 if token_scale:
@@ -319,6 +356,7 @@ def calibrate(
             fingerprint=fp, compressed_layers=layers, tensors=t, default_bits=budget, token_scale=token_scale,
             key_weight=key_weight, outlier_threshold=threshold,
             outlier_fraction=var["outliers"] / max(var["coords"], 1), sink_tokens=sink_tokens, window=window,
+            position_centring=position_centring,
             base_model_revision=base_model_revision,
         )
         alloc = allocate(cfg.weighted_distortion(), cfg.code_bits_for(budget), cfg.group_size)
@@ -332,7 +370,7 @@ def calibrate(
         hat = {"k": ho.k, "v": ho.v}
         for kind in kinds:
             x = getattr(ho, kind)
-            xh = quant[(l, kind)].fake_quantize(x)
+            xh = quant[(l, kind)].fake_quantize(x, positions=torch.arange(x.shape[2]))
             xh[:, :, :sink_tokens] = x[:, :, :sink_tokens]
             hat[kind] = xh
         dy, rel = attention_output_delta(ho.q, ho.k, ho.v, hat["k"], hat["v"], ho.scaling, ho.w_o, window)
@@ -416,6 +454,7 @@ def calibrate(
         "seed": seed,
         "codebook_granularity": "per layer and K/V",
         "weighting": weighting,
+        "position_centring": position_centring,
         "spectralkv_version": __version__,
     }
     fp16_bytes = 2 * 2 * len(layers) * h * d

@@ -125,6 +125,9 @@ def render_card(config: Any, repo_id: str | None = None, *, evaluation: dict[str
         outliers=("off" if config.outlier_threshold is None else
                   f"beyond {config.outlier_threshold:g} std ({100 * config.outlier_fraction:.2f}% of coordinates, "
                   f"{config.outlier_bits_per_token / config.coords_per_token:.3f} bits/coord)"),
+        centring=("post-RoPE mean" if config.position_centring is None else
+                  "pre-RoPE mean rotated to each key's position (RoPE-aware; served by SpectralKVCache)"),
+        positioned=config.position_centring is not None and all("k_centre_energy" in r for r in layers),
         bytes_per_token=config.bytes_per_token(config.default_bits),
         fp16_bytes_per_token=fp16,
         sink_tokens=config.sink_tokens,

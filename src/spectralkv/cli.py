@@ -39,6 +39,10 @@ def _add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window", type=int, default=32, help="default full-precision recent window")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--position-centring", choices=("rope",), default=None,
+                   help="'rope': centre each key on the pre-RoPE key mean rotated to its position (lower key error, "
+                        "above all beyond the calibration's sequence length; served by the dynamic and fused caches, "
+                        "not yet by StaticSpectralKVCache)")
 
 
 def _calibrate_from_args(model: Any, tok: Any, args: argparse.Namespace) -> Any:
@@ -47,7 +51,7 @@ def _calibrate_from_args(model: Any, tok: Any, args: argparse.Namespace) -> Any:
     budgets = PROFILE_BUDGETS if args.profile_budgets is None else tuple(args.profile_budgets)
     return calibrate(model, tok, bits=args.bits, text=args.text, tokens=args.tokens, heldout_tokens=args.heldout_tokens,
                      seq_len=args.seq_len, sink_tokens=args.sink_tokens, window=args.window, seed=args.seed,
-                     profile_budgets=budgets)
+                     profile_budgets=budgets, position_centring=args.position_centring)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

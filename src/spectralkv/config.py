@@ -39,6 +39,7 @@ TENSORS_NAME = "spectralkv.safetensors"
 CARD_NAME = "README.md"
 KINDS = ("k", "v")
 TENSOR_FIELDS = ("mean", "basis", "eigenvalues", "weights", "distortion", "codebooks", "bits")
+ROPE_FREQUENCIES = "rope.frequencies"  # [D], with position_centring="rope" (keys also have "position_mean")
 SCALE_BITS = 16
 
 
@@ -76,6 +77,9 @@ class SpectralKVConfig:
             chosen at calibration by measured error, None: off).
         outlier_fraction: fraction of compressed coordinates beyond the threshold on held-out calibration text; the
             allocation reserves its expected bits so the budget holds all-in.
+        position_centring: ``"rope"``: keys are centred on their pre-RoPE mean rotated to each token's position
+            (tensors ``layers.{i}.k.position_mean`` and ``rope.frequencies``; see :mod:`spectralkv.positions`);
+            None: on their post-RoPE mean.
         weight_profiles: per other calibrated budget, ``{"bits": b, "factors": [[key, value] per compressed
             layer]}``: how much the per-layer K/V weights re-fitted at ``b`` differ from the stored ones (which serve
             ``default_bits``); a budget is allocated with the weights of the nearest calibrated budget.
@@ -95,6 +99,7 @@ class SpectralKVConfig:
     key_weight: float = 1.0
     outlier_threshold: float | None = None
     outlier_fraction: float = 0.0
+    position_centring: str | None = None
     sink_tokens: int = 4
     window: int = 32
     group_size: int = GROUP_SIZE
@@ -118,6 +123,16 @@ class SpectralKVConfig:
             raise ValueError(f"`outlier_fraction` must be in [0, 1], got {self.outlier_fraction!r}.")
         if self.outlier_threshold is None:
             self.outlier_fraction = 0.0
+        from .positions import POSITION_CENTRINGS
+
+        if self.position_centring not in POSITION_CENTRINGS:
+            raise ValueError(f"`position_centring` must be one of {POSITION_CENTRINGS}, got "
+                             f"{self.position_centring!r}.")
+        if self.position_centring is not None:
+            needed = [ROPE_FREQUENCIES] + [tensor_name(l, "k", "position_mean") for l in self.compressed_layers]
+            missing = [n for n in needed if n not in self.tensors]
+            if missing:
+                raise ValueError(f"position_centring={self.position_centring!r} needs the tensor {missing[0]!r}.")
         self.weight_profiles = check_weight_profiles(self.weight_profiles, len(self.compressed_layers),
                                                      self.default_bits)
         self._alloc_cache: dict[float, dict[tuple[int, str], torch.Tensor]] = {}
@@ -235,6 +250,13 @@ class SpectralKVConfig:
         from .quantizer import SpectralQuantizer
 
         alloc = self.allocation(bits)
+        positioned = self.position_centring is not None
+
+        def position_terms(l: int, k: str) -> dict[str, torch.Tensor]:
+            if not (positioned and k == "k"):
+                return {}
+            return {"position_mean": self.tensor(l, k, "position_mean"), "frequencies": self.tensors[ROPE_FREQUENCIES]}
+
         return {
             (l, k): SpectralQuantizer(
                 self.tensor(l, k, "mean"),
@@ -245,6 +267,7 @@ class SpectralKVConfig:
                 self.token_scale,
                 self.outlier_threshold,
                 self.outlier_cap,
+                **position_terms(l, k),
             )
             for (l, k) in alloc
         }
@@ -305,6 +328,7 @@ class SpectralKVConfig:
             "key_weight": self.key_weight,
             "outlier_threshold": self.outlier_threshold,
             "outlier_fraction": self.outlier_fraction,
+            "position_centring": self.position_centring,
             "sink_tokens": self.sink_tokens,
             "window": self.window,
             "group_size": self.group_size,

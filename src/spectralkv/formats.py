@@ -18,6 +18,9 @@ Versions:
 - **3**: adds ``weight_profiles``: per-layer K/V weights re-fitted at other budgets (a list, possibly empty), so a
   budget other than the default is allocated with the weights measured nearest it. The upgrade from 2 sets it to
   ``[]``: every budget uses the stored weights, exactly what format 2 meant.
+- **4**: adds ``position_centring`` (``"rope"``: keys centred on their rotated pre-RoPE mean, with the tensors
+  ``layers.{i}.k.position_mean`` and ``rope.frequencies``; null: off). The upgrade from 3 sets it to null: keys
+  centred on their mean alone, exactly what format 3 meant.
 
 Because format 0 never wrote its number, a config with *no* ``format_version`` is format 0, while a *written*
 ``format_version`` below :data:`FIRST_WRITTEN_VERSION` is unknown and refused.
@@ -32,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 UNVERSIONED = 0  # the pre-release layout: no `format_version` field
 FIRST_WRITTEN_VERSION = 1
 PRE_RELEASE_WINDOW = 32
@@ -75,6 +78,13 @@ def _no_outliers_to_2(data: dict[str, Any]) -> dict[str, Any]:
 def _one_weight_set_to_3(data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
     out.setdefault("weight_profiles", [])
+    return out
+
+
+@migration(3)
+def _unpositioned_to_4(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    out.setdefault("position_centring", None)
     return out
 
 

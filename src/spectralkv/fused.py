@@ -148,7 +148,8 @@ class DecodeSnapshot:
         ns = self.n_sinks
         parts = [fp[:, :, :ns]]
         if packed.length:
-            parts.append(packed.quantizer.decode(packed.codes, packed.scales, dtype, packed.outliers))
+            parts.append(packed.quantizer.decode(packed.codes, packed.scales, dtype, packed.outliers,
+                                                 positions=packed.token_positions()))
         parts.append(fp[:, :, ns:])
         return torch.cat(parts, dim=2)
 
@@ -271,10 +272,14 @@ class FusedSpectralStore(SpectralStore):
         super().__init__(quantizer)
         self.backend = backend
 
-    def append(self, x: torch.Tensor) -> None:
+    def append(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         if not use_triton(self.backend, x.device):
-            super().append(x)
+            super().append(x, positions)
             return
+        self._check_positions(x, positions)
+        term = self.quantizer.position_term(positions, x.device, x.shape[0], x.shape[2])
+        if term is not None:  # the kernel subtracts the mean; the per-position part goes first (in float32)
+            x = x.float() - term
         packed, scales, outliers = _kernels()[1].spectral_encode_with_outliers(self.quantizer, x)
         self.codes.append(packed)
         if scales is not None:
@@ -290,7 +295,7 @@ class FusedSpectralStore(SpectralStore):
             raise RuntimeError("packed() on a store that was never appended to")
         scales = self.scales.view() if self.quantizer.token_scale else None
         outliers = self.outliers.view() if self.quantizer.outlier_threshold is not None else None
-        return PackedSide(self.quantizer, codes, scales, outliers)
+        return PackedSide(self.quantizer, codes, scales, outliers, self.first_position)
 
 
 class FusedCompressedLayer(CompressedLayer):

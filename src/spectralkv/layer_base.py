@@ -59,6 +59,9 @@ class TokenStore(ABC):
 
     #: tokens must be flushed into the store in multiples of this (KIVI quantizes keys in groups of tokens)
     flush_multiple: int = 1
+    #: whether ``append`` takes the tokens' positions (``positions=[B, n]``): a store that centres keys per RoPE
+    #: position. The layer passes them only to such stores.
+    needs_positions: bool = False
 
     @abstractmethod
     def append(self, x: torch.Tensor) -> None:
@@ -208,14 +211,30 @@ class CompressedLayer(DynamicLayer):
         if overflow <= 0:
             return
         chunk = max(multiple, FLUSH_CHUNK // multiple * multiple)
+        first = self._sink_length + len(self.key_store)  # slot of the first token leaving the window
         for start in range(0, overflow, chunk):
             stop = min(overflow, start + chunk)
-            self.key_store.append(self.keys[:, :, start:stop])
-            self.value_store.append(self.values[:, :, start:stop])
+            self._append(self.key_store, self.keys[:, :, start:stop], first + start)
+            self._append(self.value_store, self.values[:, :, start:stop], first + start)
         self.keys = self.keys[:, :, overflow:]
         self.values = self.values[:, :, overflow:]
         if compact:
             self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
+
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        """``[B, stop - start]`` RoPE positions of cache slots ``start:stop``: the slot, less the row's left padding
+        (what ``generate`` gives a left-padded row, whose positions start at its first real token)."""
+        slots = torch.arange(start, stop, device=self.device)
+        if self.left_padding is None:
+            return slots.unsqueeze(0)
+        return slots.unsqueeze(0) - self.left_padding.to(self.device).unsqueeze(1)
+
+    def _append(self, store: TokenStore, x: torch.Tensor, first_slot: int) -> None:
+        """``store.append(x)``, with the tokens' positions when the store centres them per position."""
+        if store.needs_positions:
+            store.append(x, positions=self.positions(first_slot, first_slot + x.shape[2]))
+        else:
+            store.append(x)
 
     def _requantize_padded_sinks(self) -> None:
         """Round-trip the extra sink positions of less-padded rows that have left the recent window."""
@@ -232,7 +251,7 @@ class CompressedLayer(DynamicLayer):
             for name, factory in (("sink_keys", self._factories[0]), ("sink_values", self._factories[1])):
                 fp = getattr(self, name)
                 store = factory()
-                store.append(fp[:, :, start:stop])
+                self._append(store, fp[:, :, start:stop], start)
                 rt = torch.where(mask, store.decode(fp.dtype), fp[:, :, start:stop])
                 setattr(self, name, torch.cat([fp[:, :, :start], rt, fp[:, :, stop:]], dim=2))
         self._sinks_requantized = stop

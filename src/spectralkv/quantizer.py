@@ -20,6 +20,8 @@ import torch
 
 from . import codebook as cb
 from .packing import packed_bytes
+from .positions import check_frequencies, position_features
+from .positions import rotate as rope_rotate
 
 EIGENVALUE_FLOOR = 1e-10
 SCALE_FLOOR = 1e-6
@@ -127,6 +129,10 @@ class SpectralQuantizer:
         outlier_threshold: coordinates beyond this many (scaled) standard deviations are stored exactly; None: off.
         outlier_cap: at most this many outliers per token (all heads; the largest are kept), which bounds the
             worst case on text unlike the calibration's; None: no cap.
+        position_mean: ``[H, D]`` pre-RoPE key mean ``m`` for RoPE-aware centring (keys only; see
+            :mod:`spectralkv.positions`): a token at position ``p`` is centred on ``mean + R_p m``, and every
+            encode/decode then needs the tokens' positions. None: centred on ``mean`` alone.
+        frequencies: ``[D]`` RoPE frequencies of ``R_p`` (with ``position_mean``).
     """
 
     def __init__(
@@ -139,8 +145,16 @@ class SpectralQuantizer:
         token_scale: bool,
         outlier_threshold: float | None = None,
         outlier_cap: int | None = None,
+        position_mean: torch.Tensor | None = None,
+        frequencies: torch.Tensor | None = None,
     ) -> None:
         self.num_heads, self.head_dim = mean.shape
+        if (position_mean is None) != (frequencies is None):
+            raise ValueError("position_mean and frequencies come together (RoPE-aware centring) or not at all.")
+        self.position_mean = None if position_mean is None else position_mean.float()
+        self.frequencies = None if frequencies is None else check_frequencies(frequencies, self.head_dim)
+        if self.position_mean is not None and self.position_mean.shape != mean.shape:
+            raise ValueError(f"position_mean must be [H, D] = {tuple(mean.shape)}, got {tuple(position_mean.shape)}.")
         self.token_scale = bool(token_scale)
         if outlier_threshold is not None and not outlier_threshold > 0:
             raise ValueError(f"outlier_threshold must be > 0 or None, got {outlier_threshold!r}.")
@@ -176,6 +190,7 @@ class SpectralQuantizer:
             offset += hoff
         self.row_bytes = offset
         self._device_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._position_cache: dict[torch.device, torch.Tensor] = {}
         self._coord_cache: dict[torch.device, CoordinateTables] = {}
 
     # -- accounting -------------------------------------------------------------------------------------------
@@ -272,16 +287,54 @@ class SpectralQuantizer:
         z = tab.centroids[tab.centroid_base + codes]
         return z.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, H, T, D]`` -> standardised rotated coordinates in packing order (float32)."""
-        mean, enc, _, _ = self._on(x.device)
-        return torch.einsum("bhtd,hde->bhte", x.float() - mean[:, None, :], enc)
+    @property
+    def position_centred(self) -> bool:
+        """Whether tokens are centred per position (RoPE-aware), so every encode/decode needs their positions."""
+        return self.position_mean is not None
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def centre(self, positions: torch.Tensor | None, device: torch.device, batch: int = 1, tokens: int = 1
+               ) -> torch.Tensor:
+        """What tokens are centred on: ``[1, H, 1, D]`` (the mean), or ``[B, H, T, D]`` with positions ``[B, T]``
+        (``[T]`` is shared by every row) when the quantizer is position-centred."""
+        mean = self._on(device)[0][None, :, None, :]
+        term = self.position_term(positions, device, batch, tokens)
+        return mean if term is None else mean + term
+
+    def position_term(self, positions: torch.Tensor | None, device: torch.device, batch: int = 1, tokens: int = 1
+                      ) -> torch.Tensor | None:
+        """``R_p m`` ``[B, H, T, D]`` (float32) at ``positions``: the per-position part of the centre; None when the
+        quantizer is not position-centred."""
+        if self.position_mean is None:
+            return None
+        if positions is None:
+            raise ValueError("This quantizer centres keys on their RoPE position (a position-centred calibration): "
+                             "pass the tokens' positions.")
+        positions = torch.as_tensor(positions, device=device).long()
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+        if positions.dim() != 2 or positions.shape[-1] != tokens or positions.shape[0] not in (1, batch):
+            raise ValueError(f"positions must be [B, T] = [{batch}, {tokens}] (or [T]), got {tuple(positions.shape)}.")
+        cos, sin = position_features(positions, self.frequencies)  # [B, T, D]
+        m = self._position_mean_on(device)[None, :, None, :]
+        return rope_rotate(m, cos[:, None], sin[:, None])
+
+    def _position_mean_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._position_cache:
+            self._position_cache[device] = self.position_mean.to(device)
+        return self._position_cache[device]
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, H, T, D]`` -> standardised rotated coordinates in packing order (float32)."""
+        _, enc, _, _ = self._on(x.device)
+        centre = self.centre(positions, x.device, x.shape[0], x.shape[2])
+        return torch.einsum("bhtd,hde->bhte", x.float() - centre, enc)
+
+    def encode(self, x: torch.Tensor, positions: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, H, T, D]`` -> (packed ``[B, T, row_bytes]`` uint8, scales ``[B, T, H]`` fp16 or None).
 
         Codes and scales only: use :meth:`encode_with_outliers` when the quantizer keeps outliers."""
-        return self.encode_with_outliers(x)[:2]
+        return self.encode_with_outliers(x, positions=positions)[:2]
 
     def outlier_mask(self, z: torch.Tensor) -> torch.Tensor | None:
         """``[B, H, T, D]`` bool: the coordinates stored exactly (beyond the threshold, at most ``outlier_cap``
@@ -342,15 +395,17 @@ class SpectralQuantizer:
         z[rows, idx // d, toks, idx % d] = outliers.values.to(z.dtype)
         return z
 
-    def encode_with_outliers(self, x: torch.Tensor, *, slots: int | None = None
+    def encode_with_outliers(self, x: torch.Tensor, *, slots: int | None = None,
+                             positions: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor | None, Outliers | SlotOutliers | None]:
         """Like :meth:`encode`, plus the exact outliers (None when the threshold is off); with ``slots`` they come
-        in fixed slots (:meth:`find_slot_outliers`, for the static cache).
+        in fixed slots (:meth:`find_slot_outliers`, for the static cache). ``positions`` ``[B, T]``: the tokens'
+        positions, needed (only) by a position-centred quantizer.
 
         All heads and regimes at once through per-coordinate tables (byte, shift, boundaries): the same rows as
         packing each regime with :func:`spectralkv.packing.pack` (the tests check it), without a Python loop per
         regime, which dominated a decode step on CPU."""
-        z = self.rotate(x)
+        z = self.rotate(x, positions)
         scales = None
         if self.token_scale:
             scales = z.pow(2).mean(-1).sqrt().clamp_min(SCALE_FLOOR).to(torch.float16)  # [B, H, T]
@@ -384,20 +439,24 @@ class SpectralQuantizer:
         return z
 
     def decode(self, packed: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
-               outliers: Outliers | SlotOutliers | None = None) -> torch.Tensor:
-        """Packed rows (and their outliers) -> ``[B, H, T, D]`` keys or values in ``dtype``."""
-        mean, _, dec, _ = self._on(packed.device)
+               outliers: Outliers | SlotOutliers | None = None, positions: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Packed rows (and their outliers) -> ``[B, H, T, D]`` keys or values in ``dtype`` (``positions``: as
+        encoded, for a position-centred quantizer)."""
+        _, _, dec, _ = self._on(packed.device)
+        centre = self.centre(positions, packed.device, packed.shape[0], packed.shape[1])
         z = self.decode_rotated(packed, scales, outliers)
-        return (torch.einsum("bhte,hed->bhtd", z, dec) + mean[:, None, :]).to(dtype)
+        return (torch.einsum("bhte,hed->bhtd", z, dec) + centre).to(dtype)
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quantize(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """What the cache returns for ``x`` after encode + decode, without the (lossless) packing step.
 
         Used by calibration, where the same tokens are quantized many times; equal to
         ``decode(*encode_with_outliers(x))`` (the tests check it).
         """
-        mean, _, dec, _ = self._on(x.device)
-        z = self.rotate(x)
+        _, _, dec, _ = self._on(x.device)
+        centre = self.centre(positions, x.device, x.shape[0], x.shape[2])
+        z = self.rotate(x, positions)
         scales = None
         if self.token_scale:
             scales = z.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(SCALE_FLOOR).to(torch.float16).float()
@@ -408,7 +467,7 @@ class SpectralQuantizer:
             zq = torch.where(mask, z.half().to(z.dtype), zq)
         if scales is not None:
             zq = zq * scales
-        return (torch.einsum("bhte,hed->bhtd", zq, dec) + mean[:, None, :]).to(x.dtype)
+        return (torch.einsum("bhte,hed->bhtd", zq, dec) + centre).to(x.dtype)
 
 
 def _apply_slot_outliers(z: torch.Tensor, outliers: SlotOutliers) -> torch.Tensor:

@@ -51,6 +51,7 @@ from .cache import _model_config, left_padding
 from .config import SpectralKVConfig
 from .fused import BACKENDS, FUSED_ATTENTION, StaticDecodeView, _kernels, default_backend, use_triton
 from .layer_base import FLUSH_CHUNK
+from .positions import refuse_position_centred
 from .quantizer import SlotOutliers, SpectralQuantizer, slot_starts
 
 
@@ -358,6 +359,7 @@ class StaticSpectralKVCache(Cache):
         calibration.check_compatible(model)
         if bits is not None:
             calibration = calibration.with_bits(bits)
+        refuse_position_centred(calibration.position_centring, "StaticSpectralKVCache")
         self.calibration = calibration
         self.backend = default_backend() if backend is None else backend
         if self.backend not in BACKENDS:

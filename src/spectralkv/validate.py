@@ -45,6 +45,7 @@ REQUIRED = {
     "window": int,
     "group_size": int,
     "weight_profiles": list,
+    "position_centring": (str, type(None)),
     "tensors_sha256": str,
 }
 FINGERPRINT_INT_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
@@ -96,6 +97,11 @@ def check_schema(data: dict[str, Any], filename: str) -> None:
     if bad_t or isinstance(f, bool) or not 0 <= f <= 1:
         _fail(f"{filename}: outlier_threshold must be positive or null and outlier_fraction in [0, 1], got {t!r} "
               f"and {f!r}; the calibration is corrupt: re-download it or re-create it with `spectralkv calibrate`.")
+    from .positions import POSITION_CENTRINGS
+
+    if data.get("position_centring") not in POSITION_CENTRINGS:
+        _fail(f"{filename}: position_centring must be one of {POSITION_CENTRINGS}, got "
+              f"{data.get('position_centring')!r}; the calibration is corrupt or from a newer spectralkv.")
     for key in ("sink_tokens", "window"):
         if data[key] < 0:
             _fail(f"{filename}: {key} must be >= 0, got {data[key]}.")
@@ -134,10 +140,16 @@ def expected_shapes(data: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], st
         "codebooks": ((MAX_BITS, CODEBOOK_SIZE), "F32"),
         "bits": ((h, d), "U8"),
     }
-    return {
+    out = {
         tensor_name(layer, kind, name): spec for layer in data["compressed_layers"] for kind in KINDS
         for name, spec in per.items()
     }
+    if data.get("position_centring") is not None:
+        from .config import ROPE_FREQUENCIES
+
+        out[ROPE_FREQUENCIES] = ((d,), "F32")
+        out.update({tensor_name(layer, "k", "position_mean"): ((h, d), "F32") for layer in data["compressed_layers"]})
+    return out
 
 
 def expected_data_bytes(data: dict[str, Any]) -> int:
@@ -227,10 +239,22 @@ def _layers(tensors: dict[str, torch.Tensor], data: dict[str, Any]
 
 
 def check_finite(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
+    positioned = data.get("position_centring") is not None
     for where, t in _layers(tensors, data):
-        for name in ("mean", "basis", "eigenvalues", "weights", "distortion", "codebooks"):
+        names = ["mean", "basis", "eigenvalues", "weights", "distortion", "codebooks"]
+        if positioned and where.endswith("keys"):
+            names.append("position_mean")
+        for name in names:
             if not torch.isfinite(t(name)).all():
                 _fail(f"{where}: {name} contains NaN or infinite values.")
+    if positioned:
+        from .config import ROPE_FREQUENCIES
+        from .positions import check_frequencies
+
+        try:
+            check_frequencies(tensors[ROPE_FREQUENCIES], data["fingerprint"]["head_dim"])
+        except ValueError as e:
+            _fail(f"{ROPE_FREQUENCIES}: {e} The calibration is corrupt: re-download or re-create it.")
 
 
 def check_orthonormal(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
@@ -298,6 +322,7 @@ def build_config(cls: Any, tensors: dict[str, torch.Tensor], data: dict[str, Any
             key_weight=float(data["key_weight"]),
             outlier_threshold=None if data["outlier_threshold"] is None else float(data["outlier_threshold"]),
             outlier_fraction=float(data["outlier_fraction"]),
+            position_centring=data["position_centring"],
             sink_tokens=data["sink_tokens"],
             window=data["window"],
             group_size=data["group_size"],

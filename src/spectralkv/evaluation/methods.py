@@ -223,15 +223,16 @@ class DecodeCachedStore(TokenStore):
         self._factory = factory
         self.inner = factory()
         self.flush_multiple = self.inner.flush_multiple
+        self.needs_positions = self.inner.needs_positions
         self.decoded = GrowableBuffer()  # [B, N, H, D] in the dtype of the appended tokens
 
-    def append(self, x: torch.Tensor) -> None:
-        self.inner.append(x)
+    def append(self, x: torch.Tensor, **positions: Any) -> None:
+        self.inner.append(x, **positions)
         try:
             new = decode_tail(self.inner, x.shape[2], x.dtype)
         except TypeError:  # no tail decoder: re-encode the chunk through a fresh store of the same kind
             probe = self._factory()
-            probe.append(x)
+            probe.append(x, **positions)
             new = probe.decode(x.dtype)
         self.decoded.append(new.transpose(1, 2))
 
