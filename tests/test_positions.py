@@ -218,7 +218,7 @@ def test_left_padded_rows_are_centred_at_their_own_positions(biased_llama: torch
         alone = biased_llama.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=6,
                                       do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     layer = rope_calibration.compressed_layers[0]
-    batch_layer, alone_layer = out.past_key_values.layers[layer], alone.past_key_values.layers[layer]
+    batch_layer, alone_layer = out.cache.layers[layer], alone.cache.layers[layer]
     assert isinstance(batch_layer, CompressedLayer)
     sinks = rope_calibration.sink_tokens
     assert batch_layer.key_store.first_position.flatten().tolist() == [sinks + pad, sinks]
@@ -234,18 +234,32 @@ def test_left_padded_rows_are_centred_at_their_own_positions(biased_llama: torch
 def test_cache_generates_with_beams(biased_llama: torch.nn.Module, rope_calibration: SpectralKVConfig) -> None:
     ids = torch.randint(2, 256, (1, 30))
     cache = SpectralKVCache(biased_llama, rope_calibration, window=4)
-    out = biased_llama.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False, past_key_values=cache,
+    out = biased_llama.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False, cache=cache,
                                 pad_token_id=0)
     assert out.shape == (1, 36)
     assert cache.memory_report()["compressed_tokens"] > 0
 
 
-def test_static_cache_refuses_position_centring(biased_llama: torch.nn.Module,
-                                                rope_calibration: SpectralKVConfig) -> None:
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_cache_serves_position_centring(biased_llama: torch.nn.Module, rope_calibration: SpectralKVConfig,
+                                               backend: str) -> None:
+    """The static cache's code row r is position sinks + r: its decode steps give the dynamic cache's logits."""
+    from spectralkv.fused import enable_fused
     from spectralkv.static import StaticSpectralKVCache
 
-    with pytest.raises(ValueError, match="centres keys on their RoPE position.*FusedSpectralKVCache"):
-        StaticSpectralKVCache(biased_llama, rope_calibration, max_cache_len=64)
+    model = copy.deepcopy(biased_llama)
+    enable_fused(model)
+    torch.manual_seed(6)
+    ids = torch.randint(2, 256, (2, 24))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    dynamic = biased_llama.generate(ids, cache=SpectralKVCache(biased_llama, rope_calibration, window=4),
+                                    **kw)
+    static = model.generate(ids, cache=StaticSpectralKVCache(model, rope_calibration, max_cache_len=29,
+                                                                       window=4, backend=backend), **kw)
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -264,7 +278,7 @@ def test_fused_cache_serves_position_centring(biased_llama: torch.nn.Module, rop
                         ("fused", FusedSpectralKVCache(model, rope_calibration, window=4, backend=backend))):
         runner = model if name == "fused" else biased_llama
         runs[name] = runner.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                                     past_key_values=cache, output_logits=True, return_dict_in_generate=True,
+                                     cache=cache, output_logits=True, return_dict_in_generate=True,
                                      pad_token_id=0)
         assert cache.layers[rope_calibration.compressed_layers[0]].key_store.first_position is not None
     assert runs["fused"].sequences.tolist() == runs["dynamic"].sequences.tolist()

@@ -41,8 +41,7 @@ def _add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--position-centring", choices=("rope",), default=None,
                    help="'rope': centre each key on the pre-RoPE key mean rotated to its position (lower key error, "
-                        "above all beyond the calibration's sequence length; served by the dynamic and fused caches, "
-                        "not yet by StaticSpectralKVCache)")
+                        "above all beyond the calibration's sequence length)")
 
 
 def _calibrate_from_args(model: Any, tok: Any, args: argparse.Namespace) -> Any:

@@ -196,7 +196,7 @@ class StaticDecodeView:
             return _kernels()[0].decode_attention_launch(
                 q, self.tables[0], k.codes, k.scales, self.tables[1], v.codes, v.scales, self.k_fp, self.v_fp, None,
                 self.fp_mask, scaling, k_outliers=k.outliers, v_outliers=v.outliers, comp_lengths=self.comp_lengths,
-                num_splits=self.num_splits)
+                k_positions=k.positions, num_splits=self.num_splits)
         from .kernels.ref import decode_attention_ref
 
         return decode_attention_ref(q, k, v, self.k_fp, self.v_fp, None, self.fp_mask, scaling,

@@ -12,7 +12,7 @@ the residual, whose statistics barely depend on position.
 measured with the same unscaled rotation it is applied with. Encode and decode compute the same centre for a token,
 so the cache decodes exactly what it encoded even where a model's rotation differs (dynamic RoPE): only the centring
 gets less useful there. The fused decode kernel adds one term per token, ``q . R_p m``, from the token's position
-(no per-token metadata: a store keeps each row's first position). The static cache does not serve it yet.
+(no per-token metadata: a store keeps each row's first position; the static cache's row r is position sinks + r).
 """
 
 from __future__ import annotations
@@ -89,16 +89,6 @@ def model_rope_frequencies(model: Any, head_dim: int) -> torch.Tensor:
         raise ValueError("The model's rotary embedding does not compute cos(p * inv_freq) / sin(p * inv_freq) on "
                          f"rotate_half pairs (it may be interleaved or position-scaled). {hint}")
     return freqs
-
-
-def refuse_position_centred(position_centring: str | None, what: str) -> None:
-    """Raise a ``ValueError`` naming the way out when ``what`` (a cache kind) cannot serve a position-centred
-    calibration (the static cache: its preallocated ring of rows does not track positions yet)."""
-    if position_centring is not None:
-        raise ValueError(
-            f"This calibration centres keys on their RoPE position (position_centring={position_centring!r}), which "
-            f"{what} does not support yet. Use SpectralKVCache or FusedSpectralKVCache (`spectralkv.attach(model, "
-            "cfg)`, with or without fused=True), or a calibration made without --position-centring.")
 
 
 class PositionMoments:

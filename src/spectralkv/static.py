@@ -51,7 +51,6 @@ from .cache import _model_config, left_padding
 from .config import SpectralKVConfig
 from .fused import BACKENDS, FUSED_ATTENTION, StaticDecodeView, _kernels, default_backend, use_triton
 from .layer_base import FLUSH_CHUNK
-from .positions import refuse_position_centred
 from .quantizer import SlotOutliers, SpectralQuantizer, slot_starts
 
 
@@ -151,6 +150,8 @@ class StaticCompressedLayer(CacheLayerMixin):
         if self.triton:
             self.num_splits = _kernels()[0].default_num_splits(b, h, max(1, self.rows), 32, dev)
         self.tables = tuple(tables_for(q, dev) for q in self.quantizers)
+        # code row r holds position sinks + r (no padded batches here): what position-centred keys are centred on
+        self.first_position = torch.full((b, 1), self.sink_tokens, dtype=torch.long, device=dev)
         if not _is_compiling():  # fixed addresses: no recompilation or CUDA-graph skip when updated in place
             for t in (self.keys, self.values, self.cumulative_length, *self._row_buffers(), *self.out_starts):
                 if t is not None:
@@ -171,19 +172,26 @@ class StaticCompressedLayer(CacheLayerMixin):
         return [t for t in (*self.codes, *self.scales, *self.out_counts, *self.out_index, *self.out_values)
                 if t is not None]
 
-    def _encode(self, side: int, x: torch.Tensor
+    def _encode(self, side: int, x: torch.Tensor, positions: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, SlotOutliers | None]:
         q, c = self.quantizers[side], self.slots[side]
         if self.triton:
+            term = q.position_term(positions, x.device, x.shape[0], x.shape[2])
+            if term is not None:  # the kernel subtracts the mean; the per-position part goes first (float32)
+                x = x.float() - term
             if c:
                 return _kernels()[1].spectral_encode_with_outliers(q, x, slots=c, tables=self.tables[side])
             return (*_kernels()[1].encode_launch(self.tables[side], x), None)
         if c:
-            return q.encode_with_outliers(x, slots=c)
-        return (*q.encode(x), None)
+            return q.encode_with_outliers(x, slots=c, positions=positions)
+        return (*q.encode(x, positions=positions), None)
 
     def _write_rows(self, side: int, x: torch.Tensor, rows: torch.Tensor | slice) -> None:
-        packed, scales, outliers = self._encode(side, x)
+        positions = None
+        if self.quantizers[side].position_centred:  # row r is position sinks + r (the scratch row: any)
+            r = torch.arange(rows.start, rows.stop, device=x.device) if isinstance(rows, slice) else rows
+            positions = (r + self.sink_tokens).reshape(1, -1)
+        packed, scales, outliers = self._encode(side, x, positions)
         parts = [(self.codes[side], packed), (self.scales[side], scales)]
         if outliers is not None:
             parts += [(self.out_counts[side], outliers.counts), (self.out_index[side], outliers.index),
@@ -282,8 +290,9 @@ class StaticCompressedLayer(CacheLayerMixin):
         if self.slots[side]:
             outliers = SlotOutliers(self.out_counts[side][:, :n], self.out_index[side][:, :n],
                                     self.out_values[side][:, :n], self.out_starts[side])
-        return PackedSide(self.quantizers[side], self.codes[side][:, :n], None if scales is None else scales[:, :n],
-                          outliers)
+        q = self.quantizers[side]
+        return PackedSide(q, self.codes[side][:, :n], None if scales is None else scales[:, :n], outliers,
+                          self.first_position if q.position_centred else None)
 
     # -- what transformers asks ------------------------------------------------------------------------------------
     def get_seq_length(self) -> Any:
@@ -359,7 +368,6 @@ class StaticSpectralKVCache(Cache):
         calibration.check_compatible(model)
         if bits is not None:
             calibration = calibration.with_bits(bits)
-        refuse_position_centred(calibration.position_centring, "StaticSpectralKVCache")
         self.calibration = calibration
         self.backend = default_backend() if backend is None else backend
         if self.backend not in BACKENDS:
