@@ -19,8 +19,20 @@ from spectralkv.config import CONFIG_NAME, CalibrationFormatError, SpectralKVCon
 from spectralkv.packing import pack, unpack
 from spectralkv.validate import validate_calibration
 
-pristine = test_validate.pristine  # fixtures: a valid tiny calibration, and a fresh copy of it per test
-folder = test_validate.folder
+folder = test_validate.folder  # a fresh copy of ``pristine`` per test
+
+
+@pytest.fixture(scope="module")
+def plain_calibration(tiny_llama: torch.nn.Module) -> SpectralKVConfig:
+    """Keys centred on their mean: the only layout formats 0-3 had."""
+    from conftest import tiny_calibrate
+
+    return tiny_calibrate(tiny_llama, position_centring=None)
+
+
+@pytest.fixture(scope="module")
+def pristine(plain_calibration: SpectralKVConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return plain_calibration.save_pretrained(tmp_path_factory.mktemp("pristine-plain"))
 
 
 def _to_format_0(folder: Path) -> None:
@@ -64,7 +76,7 @@ def _to_format_3(folder: Path) -> None:
     _edit_json(folder, edit)
 
 
-def test_format_3_upgraded_to_no_position_centring(folder: Path, tiny_llama_calibration: SpectralKVConfig) -> None:
+def test_format_3_upgraded_to_no_position_centring(folder: Path, plain_calibration: SpectralKVConfig) -> None:
     """Format 3 centred keys on their mean: the upgrade says so, and the quantizers need no positions."""
     _to_format_3(folder)
     cfg = SpectralKVConfig.from_pretrained(folder)
@@ -81,12 +93,12 @@ def test_current_format_requires_the_position_centring_field(folder: Path) -> No
         SpectralKVConfig.from_pretrained(folder)
 
 
-def test_format_2_upgraded_to_no_weight_profiles(folder: Path, tiny_llama_calibration: SpectralKVConfig) -> None:
+def test_format_2_upgraded_to_no_weight_profiles(folder: Path, plain_calibration: SpectralKVConfig) -> None:
     """Format 2 had one set of weights: the upgrade gives no profiles, so every budget allocates as it did."""
     _to_format_2(folder)
     cfg = SpectralKVConfig.from_pretrained(folder)
     assert (cfg.format_version, cfg.weight_profiles) == (formats.FORMAT_VERSION, [])
-    plain = tiny_llama_calibration.with_weight_profiles([])
+    plain = plain_calibration.with_weight_profiles([])
     for b in (2.0, 2.5, 4.0):
         assert all(torch.equal(t, plain.allocation(b)[key]) for key, t in cfg.allocation(b).items())
     report = validate_calibration(folder)
@@ -102,27 +114,27 @@ def test_format_1_upgraded_to_no_outliers(folder: Path) -> None:
     assert all(q.outlier_threshold is None for q in cfg.quantizers().values())
     report = validate_calibration(folder)
     assert report.ok, report.format()
-    assert report["format version"].message.startswith("format 1, upgraded to format 3")
+    assert report["format version"].message.startswith(f"format 1, upgraded to format {formats.FORMAT_VERSION}")
 
 
 def test_every_older_version_has_a_migration() -> None:
     assert sorted(formats.MIGRATIONS) == list(range(formats.UNVERSIONED, formats.FORMAT_VERSION))
 
 
-def test_format_0_upgraded_on_load(folder: Path, tiny_llama_calibration: SpectralKVConfig, tmp_path: Path) -> None:
+def test_format_0_upgraded_on_load(folder: Path, plain_calibration: SpectralKVConfig, tmp_path: Path) -> None:
     _to_format_0(folder)
     cfg = SpectralKVConfig.from_pretrained(folder)
     assert (cfg.format_version, cfg.window, cfg.group_size) == (formats.FORMAT_VERSION, 32, 8)
     assert cfg.spectralkv_version == "pre-release"
-    assert all(torch.equal(cfg.tensors[n], t) for n, t in tiny_llama_calibration.tensors.items())
+    assert all(torch.equal(cfg.tensors[n], t) for n, t in plain_calibration.tensors.items())
     report = validate_calibration(folder)
     assert report.ok, report.format()
     assert report["format version"].message.startswith("format 0 (pre-release layout, no version recorded), "
-                                                       "upgraded to format 3")
+                                                       f"upgraded to format {formats.FORMAT_VERSION}")
     # saving writes the current format; the upgrade is not needed again
     data = json.loads((cfg.save_pretrained(tmp_path / "resaved") / CONFIG_NAME).read_text())
     assert (data["format_version"], data["window"], data["group_size"]) == (formats.FORMAT_VERSION, 32, 8)
-    assert validate_calibration(tmp_path / "resaved")["format version"].message == "format 3 (current)"
+    assert validate_calibration(tmp_path / "resaved")["format version"].message == f"format {formats.FORMAT_VERSION} (current)"
 
 
 def test_format_0_keeps_fields_it_has(folder: Path) -> None:
@@ -143,8 +155,8 @@ def test_format_0_is_still_validated(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [({}, 0), ({"format_version": 1}, 1),
-     ({"format_version": 2}, 2), ({"format_version": 3}, 3),
-     ({"format_version": 4}, "format version 4, but this spectralkv reads format version 3 and older"),
+     ({"format_version": 2}, 2), ({"format_version": 3}, 3), ({"format_version": 4}, 4),
+     ({"format_version": 5}, "format version 5, but this spectralkv reads format version 4 and older"),
      ({"format_version": 0}, "unknown format version 0"), ({"format_version": -3}, "unknown format version -3"),
      ({"format_version": "1"}, r"'format_version' has the wrong type \(str\)"),
      ({"format_version": True}, r"'format_version' has the wrong type \(bool\)")],
@@ -158,33 +170,33 @@ def test_version_of(data: dict[str, Any], expected: int | str) -> None:
 
 
 def test_upgrade_chains_registered_steps_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With future formats 4 and 5, a format-0 config goes 0 -> 1 -> 2 -> 3 -> 4 -> 5, each step seeing the
-    previous version (the real steps 0 -> 1 -> 2 -> 3 included)."""
+    """With future formats 5 and 6, a format-0 config goes 0 -> 1 -> ... -> 6, each step seeing the previous
+    version (the real steps 0 -> 1 -> 2 -> 3 -> 4 included)."""
     seen: list[int] = []
 
     def step(d: dict[str, Any]) -> dict[str, Any]:
         seen.append(d["format_version"])
         return {**d, f"added_in_{d['format_version'] + 1}": True}
 
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 5)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 6)
     monkeypatch.setattr(formats, "MIGRATIONS", dict(formats.MIGRATIONS))
-    formats.migration(3)(step)
     formats.migration(4)(step)
+    formats.migration(5)(step)
     original = {"default_bits": 3.0}
     out, version = formats.upgrade(original, CONFIG_NAME)
-    assert version == 0 and out["format_version"] == 5 and seen == [3, 4]
-    assert out["added_in_4"] and out["added_in_5"] and out["window"] == 32 and out["outlier_threshold"] is None
-    assert out["weight_profiles"] == []
+    assert version == 0 and out["format_version"] == 6 and seen == [4, 5]
+    assert out["added_in_5"] and out["added_in_6"] and out["window"] == 32 and out["outlier_threshold"] is None
+    assert out["weight_profiles"] == [] and out["position_centring"] is None
     assert original == {"default_bits": 3.0}, "the input is not modified"
-    assert formats.upgrade({"format_version": 4}, CONFIG_NAME)[0]["format_version"] == 5
+    assert formats.upgrade({"format_version": 5}, CONFIG_NAME)[0]["format_version"] == 6
     with pytest.raises(ValueError, match="already registered"):
-        formats.migration(3)(step)
+        formats.migration(4)(step)
 
 
 def test_gap_in_the_registry_is_a_bug_not_an_artifact_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 4)
-    with pytest.raises(RuntimeError, match="No migration from calibration format 3 to 4"):
-        formats.upgrade({"format_version": 3}, CONFIG_NAME)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 5)
+    with pytest.raises(RuntimeError, match="No migration from calibration format 4 to 5"):
+        formats.upgrade({"format_version": 4}, CONFIG_NAME)
 
 
 # -- the packed-row byte format -----------------------------------------------------------------------------------

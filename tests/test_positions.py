@@ -124,7 +124,7 @@ def rope_calibration(biased_llama: torch.nn.Module) -> SpectralKVConfig:
 
 @pytest.fixture(scope="module")
 def plain_calibration(biased_llama: torch.nn.Module) -> SpectralKVConfig:
-    return tiny_calibrate(biased_llama, profile_budgets=())
+    return tiny_calibrate(biased_llama, profile_budgets=(), position_centring=None)
 
 
 def _keys(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -331,5 +331,17 @@ def test_plain_calibration_with_position_tensors_is_refused(rope_folder: Path) -
 def test_calibrate_refuses_an_unknown_centring(tiny_llama: torch.nn.Module) -> None:
     with pytest.raises(ValueError, match="position_centring"):
         tiny_calibrate(tiny_llama, position_centring="alibi")
+
+
+def test_auto_is_rope_where_the_rotary_embedding_allows_it(tiny_llama: torch.nn.Module,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from spectralkv.positions import resolve_position_centring
+
+    assert resolve_position_centring(tiny_llama, "auto", D)[0] == "rope"
+    assert resolve_position_centring(tiny_llama, None, D) == (None, None)
+    monkeypatch.setattr(tiny_llama.model, "rotary_emb", torch.nn.Identity())  # no inv_freq to read
+    assert resolve_position_centring(tiny_llama, "auto", D) == (None, None)
+    with pytest.raises(ValueError, match="rotary embedding"):
+        resolve_position_centring(tiny_llama, "rope", D)
 
 

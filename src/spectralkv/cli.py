@@ -39,9 +39,10 @@ def _add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window", type=int, default=32, help="default full-precision recent window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--position-centring", choices=("rope",), default=None,
-                   help="'rope': centre each key on the pre-RoPE key mean rotated to its position (lower key error, "
-                        "above all beyond the calibration's sequence length)")
+    p.add_argument("--position-centring", choices=("auto", "rope", "none"), default="auto",
+                   help="'rope': centre each key on the pre-RoPE key mean rotated to its position (much lower error "
+                        "beyond the calibration's sequence length); 'none': on its post-RoPE mean; 'auto' (default): "
+                        "'rope' where the model's rotary embedding allows it")
 
 
 def _calibrate_from_args(model: Any, tok: Any, args: argparse.Namespace) -> Any:
@@ -50,7 +51,8 @@ def _calibrate_from_args(model: Any, tok: Any, args: argparse.Namespace) -> Any:
     budgets = PROFILE_BUDGETS if args.profile_budgets is None else tuple(args.profile_budgets)
     return calibrate(model, tok, bits=args.bits, text=args.text, tokens=args.tokens, heldout_tokens=args.heldout_tokens,
                      seq_len=args.seq_len, sink_tokens=args.sink_tokens, window=args.window, seed=args.seed,
-                     profile_budgets=budgets, position_centring=args.position_centring)
+                     profile_budgets=budgets,
+                     position_centring=None if args.position_centring == "none" else args.position_centring)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

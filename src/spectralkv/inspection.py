@@ -47,6 +47,8 @@ def summary_text(config: SpectralKVConfig, bits: float | None = None) -> str:
         f"({fp16 / config.bytes_per_token(b):.1f}x smaller); sinks {config.sink_tokens}, window {config.window}",
         f"  weights re-fitted at: {refitted or 'none'} "
         f"(besides the default {config.default_bits:g}); {b:g} bits uses those of {config.profile_bits(b):g}",
+        "  keys centred on: " + ("their post-RoPE mean" if config.position_centring is None else
+                                 "the pre-RoPE mean rotated to each key's position (position_centring='rope')"),
         "",
         f"  {'layer':>5} {'K PR':>6} {'V PR':>6} {'K mean%':>8} {'K bits':>7} {'V bits':>7} {'held-out err':>13}",
     ]

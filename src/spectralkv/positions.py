@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 ROPE = "rope"
-POSITION_CENTRINGS = (None, ROPE)
+AUTO = "auto"
+POSITION_CENTRINGS = (None, ROPE)  # what a calibration records
+REQUESTS = (AUTO, ROPE, None)  # what calibrate() takes ("auto": "rope" where the model's RoPE allows it)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +91,22 @@ def model_rope_frequencies(model: Any, head_dim: int) -> torch.Tensor:
         raise ValueError("The model's rotary embedding does not compute cos(p * inv_freq) / sin(p * inv_freq) on "
                          f"rotate_half pairs (it may be interleaved or position-scaled). {hint}")
     return freqs
+
+
+def resolve_position_centring(model: Any, requested: str | None, head_dim: int
+                              ) -> tuple[str | None, torch.Tensor | None]:
+    """``(centring, frequencies)`` for a calibration of ``model``: ``"auto"`` is ``"rope"`` when the model's rotary
+    embedding is one :func:`model_rope_frequencies` reads, else None; ``"rope"`` raises when it is not."""
+    if requested not in REQUESTS:
+        raise ValueError(f"`position_centring` must be one of {REQUESTS}, got {requested!r}.")
+    if requested is None:
+        return None, None
+    try:
+        return ROPE, model_rope_frequencies(model, head_dim)
+    except ValueError:
+        if requested == ROPE:
+            raise
+        return None, None
 
 
 class PositionMoments:
