@@ -77,16 +77,19 @@ def compile_all(arch: int = 90, head_dims: tuple[int, ...] = (64, 128), group: i
         block_d = max(16, 1 << (d - 1).bit_length())
         outlier_types = {f"{side}o_{n}_ptr": t for side in "kv"
                          for n, t in (("cnt", "*u8"), ("st", "*i32"), ("idx", "*i16"), ("val", "*fp16"))}
-        variants = [(u, "table", False, False) for u in da.UNPACK_MODES] + [
-            ("gather", "select", False, False), ("gather", "table", True, False), ("gather", "table", False, True)]
-        for unpack, lookup, outliers, lengths in variants:
-            label = f"stage1 d={d} {unpack} {lookup}{' outliers' if outliers else ''}{' lengths' if lengths else ''}"
+        variants = [(u, "table", False, False, False) for u in da.UNPACK_MODES] + [
+            ("gather", "select", False, False, False), ("gather", "table", True, False, False),
+            ("gather", "table", False, True, False), ("gather", "table", True, False, True)]
+        for unpack, lookup, outliers, lengths, positions in variants:
+            label = (f"stage1 d={d} {unpack} {lookup}{' outliers' if outliers else ''}{' lengths' if lengths else ''}"
+                     f"{' positions' if positions else ''}")
             run(label, da._stage1_kernel,
                 {"qx_ptr": "*fp32", "q_ptr": f"*{dtype}", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16",
                  "vs_ptr": "*fp16", "k_tab_ptr": "*fp32", "v_tab_ptr": "*fp32", "cm_ptr": "*u8", "fm_ptr": "*u8",
                  "kf_ptr": f"*{dtype}", "vf_ptr": f"*{dtype}", "acc_ptr": "*fp32", "m_ptr": "*fp32",
-                 "l_ptr": "*fp32", "qk_scale": "fp32"} | outlier_types,
-                dict(G=group, HEAD_DIM=d, K_SCALE=True, V_SCALE=True, K_OUT=outliers, V_OUT=outliers,
+                 "l_ptr": "*fp32", "qk_scale": "fp32", "qp_ptr": "*fp32", "kp_ptr": "*i64",
+                 "freq_ptr": "*fp64"} | outlier_types,
+                dict(G=group, HEAD_DIM=d, K_POS=positions, K_SCALE=True, V_SCALE=True, K_OUT=outliers, V_OUT=outliers,
                      HAS_COMP_MASK=True, HAS_FP_MASK=True, HAS_LENGTHS=lengths, UNPACK=unpack, LOOKUP=lookup,
                      TABLE_STRIDE=256, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=32, BLOCK_HB_K=block_d // 2,
                      BLOCK_HB_V=block_d // 2))

@@ -14,11 +14,17 @@ from spectralkv.card import render_card
 from spectralkv.config import SpectralKVConfig
 
 
-def _per_layer_rows(text: str) -> list[list[str]]:
+def _per_layer_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """The per-layer table's header and rows."""
     section = text.split("### Per layer", 1)[1].split("\n\n", 2)[1]  # the table follows the heading's blank line
     lines = [ln for ln in section.splitlines() if ln.startswith("|")]
     assert lines[1].startswith("|---"), "header, separator, then one row per layer"
-    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    header, *rows = ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[:1] + lines[2:])
+    return header, rows
+
+
+def _per_layer_rows(text: str) -> list[list[str]]:
+    return _per_layer_table(text)[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +45,22 @@ def test_yaml_front_matter(readme: str, tiny_gemma2_calibration: SpectralKVConfi
 def test_per_layer_table_one_row_per_compressed_layer(readme: str, tiny_gemma2_calibration: SpectralKVConfig
                                                       ) -> None:
     cfg = tiny_gemma2_calibration
-    rows = _per_layer_rows(readme)
+    header, rows = _per_layer_table(readme)
+    # a RoPE-aware calibration (the default where the model allows it) adds the per-position centre's energy
+    assert cfg.position_centring == "rope"
+    assert header == ["layer", "key PR", "value PR", "key energy in mean", "key energy in per-position centre",
+                      "key bits", "value bits", "held-out output error"]
+    col = {name: i for i, name in enumerate(header)}
     assert [int(r[0]) for r in rows] == cfg.compressed_layers == [1, 3]
     alloc = cfg.allocation(cfg.default_bits)
     for row, measured in zip(rows, cfg.measured["layers"], strict=True):
         layer = measured["layer"]
-        assert len(row) == 7
-        assert row[1] == f"{measured['k_participation_ratio']:.1f}"
-        assert row[2] == f"{measured['v_participation_ratio']:.1f}"
-        assert row[4] == f"{float(alloc[(layer, 'k')].double().mean()):.2f}"
-        assert row[5] == f"{float(alloc[(layer, 'v')].double().mean()):.2f}"
+        assert len(row) == len(header)
+        assert row[col["key PR"]] == f"{measured['k_participation_ratio']:.1f}"
+        assert row[col["value PR"]] == f"{measured['v_participation_ratio']:.1f}"
+        assert row[col["key energy in per-position centre"]] == f"{100 * measured['k_centre_energy']:.0f}%"
+        assert row[col["key bits"]] == f"{float(alloc[(layer, 'k')].double().mean()):.2f}"
+        assert row[col["value bits"]] == f"{float(alloc[(layer, 'v')].double().mean()):.2f}"
 
 
 def test_summary_figures_match_config(readme: str, tiny_gemma2_calibration: SpectralKVConfig) -> None:
@@ -82,3 +94,14 @@ def test_card_without_measurements_still_renders(tiny_gemma2_calibration: Spectr
     assert ModelCard(text).data.to_dict()["library_name"] == "spectralkv"
     bare.save_pretrained(tmp_path)
     assert SpectralKVConfig.from_pretrained(tmp_path).measured == {}
+
+
+def test_plain_calibration_card_has_no_centre_column(tiny_gemma2_calibration: SpectralKVConfig) -> None:
+    """Keys centred on their mean alone: no per-position centre to report, and the card says which centring."""
+    plain = dataclasses.replace(tiny_gemma2_calibration, position_centring=None)
+    text = render_card(plain)
+    header, rows = _per_layer_table(text)
+    assert "key energy in per-position centre" not in header and len(header) == 7
+    assert all(len(r) == 7 for r in rows) and rows
+    assert "| key centring | post-RoPE mean |" in text
+    assert "RoPE-aware" in render_card(tiny_gemma2_calibration)

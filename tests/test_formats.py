@@ -134,7 +134,8 @@ def test_format_0_upgraded_on_load(folder: Path, plain_calibration: SpectralKVCo
     # saving writes the current format; the upgrade is not needed again
     data = json.loads((cfg.save_pretrained(tmp_path / "resaved") / CONFIG_NAME).read_text())
     assert (data["format_version"], data["window"], data["group_size"]) == (formats.FORMAT_VERSION, 32, 8)
-    assert validate_calibration(tmp_path / "resaved")["format version"].message == f"format {formats.FORMAT_VERSION} (current)"
+    report = validate_calibration(tmp_path / "resaved")
+    assert report["format version"].message == f"format {formats.FORMAT_VERSION} (current)"
 
 
 def test_format_0_keeps_fields_it_has(folder: Path) -> None:

@@ -151,7 +151,8 @@ def test_config_reserves_expected_outlier_bits(outlier_cal: SpectralKVConfig) ->
     per_token = 8 * 2 * len(cfg.compressed_layers) + cfg.outlier_fraction * cfg.coords_per_token * 24
     assert coords <= 255 and cfg.outlier_bits_per_token == pytest.approx(per_token)
     assert cfg.code_bits_for(3.0) == int(3.0 * cfg.coords_per_token - per_token + 1e-9) - cfg.scale_bits_per_token
-    assert 2.99 < cfg.effective_bits() <= 3.0
+    # bits go to groups of ``group_size`` coordinates one bit at a time: at most one group's step is left unspent
+    assert 3.0 - cfg.group_size / cfg.coords_per_token < cfg.effective_bits() <= 3.0
     assert cfg.outlier_cap == max(2, math.ceil(4 * cfg.outlier_fraction * coords))
     assert all(q.outlier_threshold == 2.5 and q.outlier_cap == cfg.outlier_cap for q in cfg.quantizers().values())
     off = cfg.without_outliers()

@@ -333,15 +333,21 @@ def test_calibrate_refuses_an_unknown_centring(tiny_llama: torch.nn.Module) -> N
         tiny_calibrate(tiny_llama, position_centring="alibi")
 
 
-def test_auto_is_rope_where_the_rotary_embedding_allows_it(tiny_llama: torch.nn.Module,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_is_rope_where_the_rotary_embedding_allows_it(tiny_llama: torch.nn.Module) -> None:
     from spectralkv.positions import resolve_position_centring
 
     assert resolve_position_centring(tiny_llama, "auto", D)[0] == "rope"
     assert resolve_position_centring(tiny_llama, None, D) == (None, None)
-    monkeypatch.setattr(tiny_llama.model, "rotary_emb", torch.nn.Identity())  # no inv_freq to read
-    assert resolve_position_centring(tiny_llama, "auto", D) == (None, None)
-    with pytest.raises(ValueError, match="rotary embedding"):
-        resolve_position_centring(tiny_llama, "rope", D)
+    # Not monkeypatch.setattr: since pytest 9.2 its undo deletes attributes that were not in the instance __dict__,
+    # and a submodule lives in ``_modules``, so the shared fixture would lose its rotary embedding for later tests.
+    rotary = tiny_llama.model.rotary_emb
+    tiny_llama.model.rotary_emb = torch.nn.Identity()  # no inv_freq to read
+    try:
+        assert resolve_position_centring(tiny_llama, "auto", D) == (None, None)
+        with pytest.raises(ValueError, match="rotary embedding"):
+            resolve_position_centring(tiny_llama, "rope", D)
+    finally:
+        tiny_llama.model.rotary_emb = rotary
+    assert tiny_llama.model.rotary_emb is rotary
 
 

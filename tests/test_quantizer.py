@@ -33,37 +33,50 @@ def _rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).pow(2).sum() / x.pow(2).sum())
 
 
-def _centred_rel_err(x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor) -> float:
-    """Error relative to the variance around the calibration mean (the part the codes have to carry)."""
-    c = x - mean[None, :, None]
+def _centred_rel_err(x: torch.Tensor, y: torch.Tensor, centre: torch.Tensor) -> float:
+    """Error relative to the variance around the calibration's centre (the part the codes have to carry): ``[H, D]``
+    (the mean) or ``[B, H, T, D]`` (what a position-centred quantizer centres each key on)."""
+    c = x - (centre[None, :, None] if centre.dim() == 2 else centre)
     return float((x - y).pow(2).sum() / c.pow(2).sum())
+
+
+def _positions(q: SpectralQuantizer, x: torch.Tensor) -> torch.Tensor | None:
+    """The captured tokens' RoPE positions (0..T-1) for a position-centred quantizer (the default calibration's keys
+    on a model with RoPE); None for one that centres on the mean alone."""
+    return torch.arange(x.shape[2])[None] if q.position_centred else None
+
+
+def _centre(q: SpectralQuantizer, x: torch.Tensor) -> torch.Tensor:
+    return q.centre(_positions(q, x), x.device, x.shape[0], x.shape[2]).expand_as(x)
 
 
 def test_encode_decode_deterministic(tiny_llama_calibration: Any, tiny_kv: dict) -> None:
     q = tiny_llama_calibration.quantizers()[(0, "k")]
+    assert q.position_centred  # the default calibration of a RoPE model: keys centred per position
     x = tiny_kv[(0, "k")]
-    p1, s1 = q.encode(x)
-    p2, s2 = q.encode(x.clone())
+    pos = _positions(q, x)
+    p1, s1 = q.encode(x, pos)
+    p2, s2 = q.encode(x.clone(), pos)
     assert torch.equal(p1, p2) and (s1 is None) == (s2 is None)
     if s1 is not None:
         assert torch.equal(s1, s2)
-    assert torch.equal(q.decode(p1, s1, torch.float32), q.decode(p2, s2, torch.float32))
+    assert torch.equal(q.decode(p1, s1, torch.float32, positions=pos), q.decode(p2, s2, torch.float32, positions=pos))
     # a freshly built quantizer from the same calibration gives the same bytes
     q2 = tiny_llama_calibration.quantizers()[(0, "k")]
-    assert torch.equal(q2.encode(x)[0], p1)
+    assert torch.equal(q2.encode(x, pos)[0], p1)
 
 
 def test_encode_shapes_and_accounting(tiny_llama_calibration: Any, tiny_kv: dict) -> None:
     cfg = tiny_llama_calibration
     for (layer, kind), q in cfg.quantizers().items():
         x = tiny_kv[(layer, kind)]
-        packed, scales = q.encode(x)
+        packed, scales = q.encode(x, _positions(q, x))
         b, h, t, _ = x.shape
         assert packed.shape == (b, t, q.row_bytes) and packed.dtype == torch.uint8
         bits = cfg.allocation()[(layer, kind)]
         assert q.code_bits_per_token == int(bits.long().sum()) == 8 * q.row_bytes
         assert q.bits_per_token == q.code_bits_per_token + (16 * h if cfg.token_scale else 0)
-        assert q.decode(packed, scales, torch.bfloat16).dtype == torch.bfloat16
+        assert q.decode(packed, scales, torch.bfloat16, positions=_positions(q, x)).dtype == torch.bfloat16
 
 
 def _quantizer(bits: torch.Tensor, token_scale: bool, seed: int = 0) -> tuple[SpectralQuantizer, torch.Tensor]:
@@ -110,7 +123,7 @@ def test_eight_bits_on_real_keys_and_values(tiny_llama_calibration: Any, tiny_kv
     for key, q in tiny_llama_calibration.quantizers(8.0).items():
         assert (q.bits == 8).all()
         x = tiny_kv[key]
-        assert _centred_rel_err(x, q.fake_quantize(x), q.mean) < 2e-3, key
+        assert _centred_rel_err(x, q.fake_quantize(x, _positions(q, x)), _centre(q, x)) < 2e-3, key
 
 
 def test_error_decreases_with_budget_on_real_data(tiny_llama_calibration: Any, tiny_kv: dict) -> None:
@@ -119,7 +132,8 @@ def test_error_decreases_with_budget_on_real_data(tiny_llama_calibration: Any, t
     errs: dict[tuple[int, str], list[float]] = {}
     for b in budgets:
         for key, q in tiny_llama_calibration.quantizers(b).items():
-            errs.setdefault(key, []).append(_centred_rel_err(tiny_kv[key], q.fake_quantize(tiny_kv[key]), q.mean))
+            x = tiny_kv[key]
+            errs.setdefault(key, []).append(_centred_rel_err(x, q.fake_quantize(x, _positions(q, x)), _centre(q, x)))
     for key, e in errs.items():  # a block can stay at 0 bits over the lowest budgets: non-increasing
         assert all(lo <= hi for lo, hi in zip(e[1:], e, strict=False)), (key, e)
         assert e[-1] < 0.01 * e[0], (key, e)
