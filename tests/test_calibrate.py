@@ -11,7 +11,7 @@ import torch
 from conftest import ByteTokenizer, make_tiny, tiny_calibrate
 
 from spectralkv.allocation import GROUP_SIZE
-from spectralkv.calibrate import attention_output_delta, calibrate, serving_mask
+from spectralkv.calibrate import attention_output_delta, calibrate, exact_attention_output, serving_mask
 from spectralkv.codebook import MAX_BITS
 from spectralkv.config import KINDS, SpectralKVConfig, tensor_name
 from spectralkv.fingerprint import UnsupportedArchitectureError
@@ -222,6 +222,10 @@ def test_heldout_error_sees_the_recent_window_exactly() -> None:
     dy0, rel0 = attention_output_delta(q, k, v, kh, vh, 8**-0.5, None, 0)
     assert dy[:, :window].abs().max() < 1e-6 and dy0[:, :window].abs().max() > 1e-3  # only exact tokens in view
     assert 0 < rel < rel0
+    # the search passes the exact outputs it computed once: the same numbers
+    ref_out = exact_attention_output(q, k, v, 8**-0.5, None)
+    dy1, rel1 = attention_output_delta(q, k, v, kh, vh, 8**-0.5, None, window, ref_out)
+    assert torch.equal(dy1, dy) and rel1 == rel
     # explicit per-query computation for one late query
     i = t - 1
     kk = torch.where((torch.arange(t) > i - window)[None, None, :, None], k, kh).repeat_interleave(2, 1)

@@ -65,6 +65,8 @@ class _Heldout:
     v: torch.Tensor
     scaling: float
     w_o: torch.Tensor | None  # [hidden, Hq * D]
+    #: exact attention outputs, computed once: every candidate the search measures compares against them
+    ref: torch.Tensor | None = None
 
 
 def _o_proj_weight(module: torch.nn.Module) -> torch.Tensor | None:
@@ -100,26 +102,39 @@ def serving_mask(t: int, window: int, device: torch.device | None = None) -> tor
     return torch.cat([j <= i - window, (j <= i) & (j > i - window)], dim=1)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+            w_o: torch.Tensor | None) -> torch.Tensor:
+    """``[S, T, hidden]`` attention outputs (causal unless ``mask``), through ``o_proj`` when known."""
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                         scale=scaling, enable_gqa=True)
+    o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
+    return o if w_o is None else o @ w_o.T
+
+
+def exact_attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                           w_o: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention outputs with exact K/V (after ``o_proj`` when known), ``[S, T, hidden]``: the reference
+    :func:`attention_output_delta` measures against."""
+    return _attend(q, k, v, None, scaling, w_o)
+
+
 def attention_output_delta(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor,
-    scaling: float, w_o: torch.Tensor | None, window: int = 0,
+    scaling: float, w_o: torch.Tensor | None, window: int = 0, ref: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Change of causal attention outputs (after ``o_proj`` when known), ``[S, T, hidden]``, with quantized K/V,
     and its relative squared size.
 
     ``window``: each query sees its last ``window`` tokens exactly, as the cache serves them (the recent window is
-    where attention concentrates, so quantizing it would measure errors that serving never makes)."""
-    def attend(kk: torch.Tensor, vv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=mask is None,
-                                                             scale=scaling, enable_gqa=True)
-        o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
-        return o if w_o is None else o @ w_o.T
-
-    ref = attend(k, v, None)
+    where attention concentrates, so quantizing it would measure errors that serving never makes). ``ref``: the
+    exact outputs (:func:`exact_attention_output`) when already known; the search reuses them for every candidate."""
+    if ref is None:
+        ref = exact_attention_output(q, k, v, scaling, w_o)
     if window > 0:
-        hat = attend(torch.cat([k_hat, k], 2), torch.cat([v_hat, v], 2), serving_mask(q.shape[2], window, q.device))
+        hat = _attend(q, torch.cat([k_hat, k], 2), torch.cat([v_hat, v], 2),
+                      serving_mask(q.shape[2], window, q.device), scaling, w_o)
     else:
-        hat = attend(k_hat, v_hat, None)
+        hat = _attend(q, k_hat, v_hat, None, scaling, w_o)
     dy = hat - ref
     return dy, float(dy.pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
@@ -373,7 +388,9 @@ def calibrate(
             xh = quant[(l, kind)].fake_quantize(x, positions=torch.arange(x.shape[2]))
             xh[:, :, :sink_tokens] = x[:, :, :sink_tokens]
             hat[kind] = xh
-        dy, rel = attention_output_delta(ho.q, ho.k, ho.v, hat["k"], hat["v"], ho.scaling, ho.w_o, window)
+        if ho.ref is None:
+            ho.ref = exact_attention_output(ho.q, ho.k, ho.v, ho.scaling, ho.w_o)
+        dy, rel = attention_output_delta(ho.q, ho.k, ho.v, hat["k"], hat["v"], ho.scaling, ho.w_o, window, ho.ref)
         loss_err = fisher_error(grads[l], dy) if grads else rel
         return loss_err, rel
 
