@@ -65,8 +65,7 @@ class _Heldout:
     v: torch.Tensor
     scaling: float
     w_o: torch.Tensor | None  # [hidden, Hq * D]
-    #: exact attention outputs, computed once: every candidate the search measures compares against them
-    ref: torch.Tensor | None = None
+    ref: torch.Tensor  # exact attention outputs [S, T, hidden]: every candidate the search measures compares to them
 
 
 def _o_proj_weight(module: torch.nn.Module) -> torch.Tensor | None:
@@ -313,10 +312,10 @@ def calibrate(
                 held[l][name].append(x.float().cpu())
 
     _run(model, held_seqs, held_cb, "calibration: held-out", progress)
-    heldout = {
-        l: _Heldout(torch.cat(held[l]["q"]), torch.cat(held[l]["k"]), torch.cat(held[l]["v"]), scaling[l], w_o[l])
-        for l in layers
-    }
+    heldout: dict[int, _Heldout] = {}
+    for l in layers:
+        q, k, v = (torch.cat(held[l][name]) for name in ("q", "k", "v"))
+        heldout[l] = _Heldout(q, k, v, scaling[l], w_o[l], exact_attention_output(q, k, v, scaling[l], w_o[l]))
 
     # 4. codebooks and measured distortion, per scale mode and outlier threshold ------------------------------------
     variants: dict[tuple[bool, float | None], dict[str, Any]] = {}
@@ -388,8 +387,6 @@ def calibrate(
             xh = quant[(l, kind)].fake_quantize(x, positions=torch.arange(x.shape[2]))
             xh[:, :, :sink_tokens] = x[:, :, :sink_tokens]
             hat[kind] = xh
-        if ho.ref is None:
-            ho.ref = exact_attention_output(ho.q, ho.k, ho.v, ho.scaling, ho.w_o)
         dy, rel = attention_output_delta(ho.q, ho.k, ho.v, hat["k"], hat["v"], ho.scaling, ho.w_o, window, ho.ref)
         loss_err = fisher_error(grads[l], dy) if grads else rel
         return loss_err, rel
