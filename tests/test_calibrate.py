@@ -11,11 +11,12 @@ import torch
 from conftest import ByteTokenizer, make_tiny, tiny_calibrate
 
 from spectralkv.allocation import GROUP_SIZE
-from spectralkv.calibrate import attention_output_delta, calibrate, exact_attention_output, serving_mask
+from spectralkv.calibrate import attention_output_delta, calibrate, exact_attention_output
 from spectralkv.codebook import MAX_BITS
 from spectralkv.config import KINDS, SpectralKVConfig, tensor_name
 from spectralkv.fingerprint import UnsupportedArchitectureError
 from spectralkv.moments import participation_ratio
+from spectralkv.served_attention import serving_mask
 from spectralkv.validate import expected_shapes
 
 ERROR_KEY = "heldout_error"  # the quantity the K/V split search minimises, per row of measured["kv_split_search"]

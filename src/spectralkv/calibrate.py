@@ -40,6 +40,7 @@ from .positions import AUTO, PositionMoments, position_features, resolve_positio
 from .positions import rotate as rope_rotate
 from .quantizer import SCALE_FLOOR
 from .sensitivity import attention_output_gradients, fisher_error
+from .served_attention import served_attention
 from .text import calibration_tokens, windows
 
 KEY_WEIGHT_GRID = tuple(2.0**e for e in range(-6, 7))
@@ -93,19 +94,8 @@ def _token_scaled(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return z / s, s
 
 
-def serving_mask(t: int, window: int, device: torch.device | None = None) -> torch.Tensor:
-    """``[T, 2T]`` bool: which of ``[quantized keys, exact keys]`` query ``i`` sees when served with a recent window
-    of ``window`` exact tokens: exact for ``i - window < j <= i``, quantized for ``j <= i - window``."""
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(t, device=device)[None, :]
-    return torch.cat([j <= i - window, (j <= i) & (j > i - window)], dim=1)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-            w_o: torch.Tensor | None) -> torch.Tensor:
-    """``[S, T, hidden]`` attention outputs (causal unless ``mask``), through ``o_proj`` when known."""
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                         scale=scaling, enable_gqa=True)
+def _output(o: torch.Tensor, w_o: torch.Tensor | None) -> torch.Tensor:
+    """``[S, Hq, T, D]`` attention -> ``[S, T, hidden]`` outputs, through ``o_proj`` when known."""
     o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
     return o if w_o is None else o @ w_o.T
 
@@ -114,7 +104,8 @@ def exact_attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
                            w_o: torch.Tensor | None) -> torch.Tensor:
     """Causal attention outputs with exact K/V (after ``o_proj`` when known), ``[S, T, hidden]``: the reference
     :func:`attention_output_delta` measures against."""
-    return _attend(q, k, v, None, scaling, w_o)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    return _output(o, w_o)
 
 
 def attention_output_delta(
@@ -129,12 +120,7 @@ def attention_output_delta(
     exact outputs (:func:`exact_attention_output`) when already known; the search reuses them for every candidate."""
     if ref is None:
         ref = exact_attention_output(q, k, v, scaling, w_o)
-    if window > 0:
-        hat = _attend(q, torch.cat([k_hat, k], 2), torch.cat([v_hat, v], 2),
-                      serving_mask(q.shape[2], window, q.device), scaling, w_o)
-    else:
-        hat = _attend(q, k_hat, v_hat, None, scaling, w_o)
-    dy = hat - ref
+    dy = _output(served_attention(q, k, v, k_hat, v_hat, scaling, window), w_o) - ref
     return dy, float(dy.pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
 
