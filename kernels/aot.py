@@ -91,8 +91,8 @@ def compile_all(arch: int = 90, head_dims: tuple[int, ...] = (64, 128), group: i
                  "freq_ptr": "*fp64"} | outlier_types,
                 dict(G=group, HEAD_DIM=d, K_POS=positions, K_SCALE=True, V_SCALE=True, K_OUT=outliers, V_OUT=outliers,
                      HAS_COMP_MASK=True, HAS_FP_MASK=True, HAS_LENGTHS=lengths, UNPACK=unpack, LOOKUP=lookup,
-                     TABLE_STRIDE=256, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=32, BLOCK_HB_K=block_d // 2,
-                     BLOCK_HB_V=block_d // 2))
+                     TABLE_STRIDE=256, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_F=max(16, block_d // 2), BLOCK_T=32,
+                     BLOCK_HB_K=block_d // 2, BLOCK_HB_V=block_d // 2))
         run(f"stage2 d={d}", da._stage2_kernel,
             {n: "*fp32" for n in ("acc_ptr", "m_ptr", "l_ptr", "qx_ptr", "dec_ptr", "vmean_ptr")}
             | {"out_ptr": f"*{dtype}", "qk_scale": "fp32"},

@@ -18,10 +18,13 @@ The math is in :mod:`spectralkv.kernels.ref` (``decode_attention_ref``, which is
   over ``[B, Hkv, W, D]`` tensors. Each split writes its unnormalised accumulator, running max and running sum; an
   empty split (past the end, or fully masked) writes max ``-inf`` and sum 0.
 * Position-centred keys (constexpr ``K_POS``, RoPE-aware calibrations): each compressed token's score gains
-  ``q . R_p m = (q * m) . cos(p w) + (q * rotate_half(m)) . sin(p w)``, two more ``tl.dot`` per tile against the
-  tile's cos/sin, computed from the row's first position plus the token index (the angles reduced modulo 2 pi in
-  float64, so positions far into a long context keep their precision; the host prologue forms ``q * m`` and
-  ``q * rotate_half(m)``). Nothing else changes: no per-token metadata is read.
+  ``q . R_p m = (q * m) . cos(p w) + (q * rotate_half(m)) . sin(p w)``. The two halves of ``w`` repeat, so the host
+  prologue sums the halves of ``q * m`` and ``q * rotate_half(m)`` (``D/2`` wide). Writing ``p = p0 + t`` for a
+  tile starting at ``p0``, ``cos(p0 w + t w)`` expands by the angle-addition formulas into the tile's ``cos/sin(p0
+  w)`` (``D/2`` values, turned into the query side) and ``cos/sin(t w)`` for ``t < BLOCK_T``, the same for every
+  tile and computed once per program: two more ``tl.dot`` per tile and no per-token transcendentals (``p0 w``
+  reduced modulo 2 pi in float64, so positions far into a long context keep their precision). Nothing else
+  changes: no per-token metadata is read.
 * Stage 2, grid ``(B, Hkv)``: merges the compressed splits by log-sum-exp in the rotated basis, un-rotates once
   (``o_rot @ Dec_v + mu_v``), merges the full-precision split by log-sum-exp in the original basis, and writes
   ``[B, Hq, D]`` in the query dtype.
@@ -141,9 +144,9 @@ def _stage1_kernel(
     vf_ptr, svf_b, svf_h, svf_t, svf_d,
     fm_ptr, sfm_b, sfm_t,  # full-precision mask [B, W], read when HAS_FP_MASK
     acc_ptr, m_ptr, l_ptr,  # [B, Hkv, S, G, D], [B, Hkv, S, G] float32
-    qp_ptr,  # [B, Hkv, G, 2, D] float32: q * m and q * rotate_half(m), read when K_POS
+    qp_ptr,  # [B, Hkv, G, 2, D/2] float32: q * m and q * rotate_half(m), halves summed, read when K_POS
     kp_ptr, skp_b,  # [B, 1] int64 position of each row's first compressed token, read when K_POS
-    freq_ptr,  # [D] float64 RoPE frequencies, read when K_POS
+    freq_ptr,  # [D/2] float64 RoPE frequencies (one half), read when K_POS
     N, W, split_len, n_comp_splits, qk_scale,
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -160,6 +163,7 @@ def _stage1_kernel(
     TABLE_STRIDE: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_F: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HB_K: tl.constexpr,
     BLOCK_HB_V: tl.constexpr,
@@ -195,11 +199,20 @@ def _stage1_kernel(
         v_hoff = tl.load(v_hoff_ptr + h)
         v_hb = tl.load(v_hb_ptr + h)
         if K_POS:
-            qp_row = (bh * G + offs_g[:, None]) * 2 * HEAD_DIM + offs_d[None, :]
-            q_cos = tl.load(qp_ptr + qp_row, mask=gd_mask, other=0.0) * qk_scale
-            q_sin = tl.load(qp_ptr + qp_row + HEAD_DIM, mask=gd_mask, other=0.0) * qk_scale
-            freq = tl.load(freq_ptr + offs_d, mask=dmask, other=0.0)
+            half = HEAD_DIM // 2
+            offs_f = tl.arange(0, BLOCK_F)
+            fmask = offs_f < half
+            qp_row = (bh * G + offs_g[:, None]) * 2 * half + offs_f[None, :]
+            qp_mask = gmask[:, None] & fmask[None, :]
+            q_cos = tl.load(qp_ptr + qp_row, mask=qp_mask, other=0.0) * qk_scale
+            q_sin = tl.load(qp_ptr + qp_row + half, mask=qp_mask, other=0.0) * qk_scale
+            freq = tl.load(freq_ptr + offs_f, mask=fmask, other=0.0)
             first_pos = tl.load(kp_ptr + b * skp_b)
+            # cos/sin of t * w for the token offsets t of a tile: the same for every tile
+            rel = tl.arange(0, BLOCK_T).to(tl.float64)[:, None] * freq[None, :]  # [BLOCK_T, BLOCK_F]
+            rel = (rel - 6.283185307179586 * tl.floor(rel / 6.283185307179586)).to(tl.float32)
+            cos_rel = tl.cos(rel)
+            sin_rel = tl.sin(rel)
         start = s * split_len
         end = tl.minimum(start + split_len, N)
         if HAS_LENGTHS:  # a preallocated (static) buffer: only its first rows hold tokens; later tiles are not read
@@ -221,11 +234,13 @@ def _stage1_kernel(
             if K_SCALE:
                 sk = tl.load(ks_ptr + b * sks_b + offs_t64 * sks_t + h * sks_h, mask=tmask, other=0.0)
                 sc = sc * sk.to(tl.float32)[None, :]
-            if K_POS:
-                ang = (first_pos + offs_t64).to(tl.float64)[:, None] * freq[None, :]  # [BLOCK_T, BLOCK_D]
-                ang = (ang - 6.283185307179586 * tl.floor(ang / 6.283185307179586)).to(tl.float32)
-                sc += tl.dot(q_cos, tl.trans(tl.cos(ang)), input_precision="ieee")
-                sc += tl.dot(q_sin, tl.trans(tl.sin(ang)), input_precision="ieee")
+            if K_POS:  # cos(a + r) = cos a cos r - sin a sin r, sin(a + r) = sin a cos r + cos a sin r
+                base = (first_pos + t0).to(tl.float64) * freq  # [BLOCK_F], the tile's first position
+                base = (base - 6.283185307179586 * tl.floor(base / 6.283185307179586)).to(tl.float32)
+                cb = tl.cos(base)[None, :]
+                sb = tl.sin(base)[None, :]
+                sc += tl.dot(q_cos * cb + q_sin * sb, tl.trans(cos_rel), input_precision="ieee")
+                sc += tl.dot(q_sin * cb - q_cos * sb, tl.trans(sin_rel), input_precision="ieee")
             sc = tl.where(tmask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -455,9 +470,10 @@ def _decode_attention_launch(
     k_pos = k_pos_first is not None and n > 0
     if k_pos:  # q * m and q * rotate_half(m), for the per-token q . R_p m
         m_half = torch.cat([-k_pos_mean[:, d // 2 :], k_pos_mean[:, : d // 2]], dim=-1)
-        qp = torch.stack([qf * k_pos_mean[None, :, None, :], qf * m_half[None, :, None, :]], dim=3).contiguous()
+        qp = torch.stack([qf * k_pos_mean[None, :, None, :], qf * m_half[None, :, None, :]], dim=3)
+        qp = (qp[..., : d // 2] + qp[..., d // 2 :]).contiguous()  # the halves share their frequencies
         kp = k_pos_first.to(torch.int64)
-        freq = k_pos_freq.to(torch.float64).contiguous()
+        freq = k_pos_freq[: d // 2].to(torch.float64).contiguous()
     else:
         qp = kp = freq = qx
     split_len = -(-max(n, 1) // max(n_comp, 1))
@@ -511,6 +527,7 @@ def _decode_attention_launch(
             TABLE_STRIDE=TABLE_COLS,
             BLOCK_G=block_g,
             BLOCK_D=block_d,
+            BLOCK_F=_pow2(d // 2),
             BLOCK_T=block_t,
             BLOCK_HB_K=_pow2(k_max_head_bytes),
             BLOCK_HB_V=_pow2(v_max_head_bytes),
