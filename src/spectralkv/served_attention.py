@@ -47,35 +47,28 @@ def served_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: t
     if _CPU_ATTENTION_WITH_LSE is None or q.device.type != "cpu" or q.dtype != torch.float32:
         return served_attention_masked(q, k, v, k_hat, v_hat, scaling, window)
     s, hq, t, d = q.shape
-    h = k.shape[1]
-    g, w = hq // h, window
+    h, w = k.shape[1], window
+    g, nb = hq // h, -(-t // w)  # queries in nb blocks of w (the last one padded)
     # quantized part: query i sees k_hat[: i - w + 1], i.e. causal attention of q[w:] over k_hat[: T - w]
-    out_q = q.new_zeros(s, hq, t, d)
-    lse_q = q.new_full((s, hq, t), float("-inf"))
+    out_q = q.new_zeros(s, hq, nb * w, d)
+    lse_q = q.new_full((s, hq, nb * w), float("-inf"))
     if t > w:
         o, lse = _CPU_ATTENTION_WITH_LSE(q[:, :, w:], k_hat[:, :, : t - w].repeat_interleave(g, 1),
                                          v_hat[:, :, : t - w].repeat_interleave(g, 1), 0.0, True, scale=scaling)
-        out_q[:, :, w:], lse_q[:, :, w:] = o, lse
-    # exact band: queries of block b (positions b*w + r) see key slots c of their block with r < c <= r + w
-    nb = -(-t // w)
+        out_q[:, :, w:t], lse_q[:, :, w:t] = o, lse
+    # exact band: the query at position b*w + r sees key slots c of block b with r < c <= r + w
     qb = F.pad(q, (0, 0, 0, nb * w - t)).view(s, h, g, nb, w, d)
     kb, vb = _band_blocks(k, w, nb), _band_blocks(v, w, nb)
     r = torch.arange(w, device=q.device)[:, None]
     c = torch.arange(2 * w, device=q.device)[None, :]
-    first = torch.arange(nb, device=q.device)[:, None, None] * w - w + c >= 0
+    after_start = torch.arange(nb, device=q.device)[:, None, None] * w - w + c >= 0
     scores = torch.einsum("shgbrd,shbcd->shgbrc", qb, kb) * scaling
-    scores = scores.masked_fill(~((c > r) & (c <= r + w) & first), float("-inf"))
-    return _merge(out_q, lse_q, scores, vb, (s, h, g, nb, w, t, d))
-
-
-def _merge(out_q: torch.Tensor, lse_q: torch.Tensor, scores: torch.Tensor, vb: torch.Tensor,
-           shape: tuple[int, ...]) -> torch.Tensor:
-    """Merge the quantized part (output and log-sum-exp) with the exact band's scores by log-sum-exp."""
-    s, h, g, nb, w, t, d = shape
-    scores = scores.reshape(s, h * g, nb * w, 2 * w)[:, :, :t]
-    top = torch.maximum(scores.amax(-1), lse_q)  # every query sees itself, so the band is never empty
+    scores = scores.masked_fill(~((c > r) & (c <= r + w) & after_start), float("-inf"))
+    # merge by log-sum-exp (every query sees itself, so the band is never empty)
+    lse_q = lse_q.view(s, h, g, nb, w)
+    top = torch.maximum(scores.amax(-1), lse_q)
     p_band = (scores - top[..., None]).exp()
     p_q = (lse_q - top).exp()
-    p_pad = F.pad(p_band, (0, 0, 0, nb * w - t)).view(s, h, g, nb, w, 2 * w)
-    band = torch.einsum("shgbrc,shbcd->shgbrd", p_pad, vb).reshape(s, h * g, nb * w, d)[:, :, :t]
-    return (p_q[..., None] * out_q + band) / (p_q + p_band.sum(-1))[..., None]
+    out = p_q[..., None] * out_q.view(s, h, g, nb, w, d) + torch.einsum("shgbrc,shbcd->shgbrd", p_band, vb)
+    out = out / (p_q + p_band.sum(-1))[..., None]
+    return out.reshape(s, hq, nb * w, d)[:, :, :t]
