@@ -24,7 +24,7 @@ Layout of one layer, with ``S`` sink tokens, a window of ``W`` and ``R = W + 1``
 * with a calibration that keeps exact outliers, per row a count and ``C`` fixed slots (index and fp16 value,
   :class:`~spectralkv.quantizer.SlotOutliers`): a token keeps its ``C`` largest outliers. Static buffers pay for
   every slot, so ``C`` defaults to the calibration's average count per token rounded up
-  (:func:`default_outlier_slots`: 2 for SmolLM2's default calibration, whose cap is 5), which measured best for
+  (:func:`default_outlier_slots`: 1 for SmolLM2's default calibration, cap 3), which measured best for
   the memory it takes (``scripts/eval_outlier_slots.py``, docs/experiments.md); ``outlier_slots=`` chooses another
   count, and at the calibration's cap the cache keeps exactly what the growing caches keep.
 
@@ -70,7 +70,7 @@ def default_outlier_slots(calibration: SpectralKVConfig) -> int | None:
     token (layer and side) rounded up, at most the cap; None when it keeps none.
 
     Why not the cap (which keeps what the growing caches keep): static buffers pay for every slot whether used or
-    not. On SmolLM2-135M (default calibration: 0.57% outliers, 1.09 per token on average, cap 5) 1 or 2 slots gave
+    not. On SmolLM2-135M (a mean-centred calibration: 0.57% outliers, 1.09 per token, cap 5) 1 or 2 slots gave
     the lowest perplexity for the bits stored at every budget from 2 to 4, and the cap was worse at 2-3 bits (at a
     static 2.49 bits per coordinate: +3.28% with 1 slot, +5.41% with 5); measured with
     ``scripts/eval_outlier_slots.py`` (docs/results/outlier_slots)."""
