@@ -107,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
     p.add_argument("--window", type=int, default=32, help="recent tokens kept in fp16")
     p.add_argument("--sinks", type=int, default=4, help="leading tokens kept in fp16")
+    p.add_argument("--position-centring", choices=("rope", "none"), default="rope",
+                   help="keys centred on their pre-RoPE mean rotated to each position, as calibrations of RoPE models "
+                        "are by default (the kernel's K_POS variant), or on one mean (default: %(default)s)")
+    p.add_argument("--rope-theta", type=float, default=500000.0, help="RoPE base (default: Llama-3.1's, %(default)s)")
     p.add_argument("--no-token-scale", dest="token_scale", action="store_false",
                    help="no fp16 per-token scale (default: with)")
     p.add_argument("--outlier-fraction", type=float, default=0.0,
@@ -141,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be positive, got {bad}")
     if args.copy_gb <= 0:
         p.error(f"--copy-gb must be positive, got {args.copy_gb}")
+    if args.rope_theta <= 0:
+        p.error(f"--rope-theta must be positive, got {args.rope_theta}")
     if not 0 <= args.outlier_fraction < 1:
         p.error(f"--outlier-fraction must be in [0, 1), got {args.outlier_fraction}")
     return args
@@ -157,16 +163,26 @@ def bit_mix(d: int, bits: float) -> list[int]:
 _CODEBOOKS: dict[str, torch.Tensor] = {}
 
 
-def make_quantizer(kv_heads: int, head_dim: int, bits: float, token_scale: bool, seed: int = 0) -> SpectralQuantizer:
-    """A random quantizer with the layout of a real one at ``bits`` per coordinate."""
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """``[D]`` RoPE frequencies in the rotate_half layout (both halves the same)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return torch.cat([inv, inv]).float()
+
+
+def make_quantizer(kv_heads: int, head_dim: int, bits: float, token_scale: bool, seed: int = 0,
+                   rope_theta: float | None = None) -> SpectralQuantizer:
+    """A random quantizer with the layout of a real one at ``bits`` per coordinate; with ``rope_theta``, position-
+    centred like a RoPE-aware calibration's keys (a random pre-RoPE mean)."""
     if "gauss" not in _CODEBOOKS:
         _CODEBOOKS["gauss"] = fit_codebooks(torch.randn(8192, generator=torch.Generator().manual_seed(0)))
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim, generator=g)).Q
     eig = torch.logspace(1, -2, head_dim).expand(kv_heads, head_dim).contiguous()
     bits_t = torch.tensor(bit_mix(head_dim, bits), dtype=torch.uint8).expand(kv_heads, head_dim).contiguous()
+    position = {} if rope_theta is None else dict(position_mean=torch.randn(kv_heads, head_dim, generator=g),
+                                                  frequencies=rope_frequencies(head_dim, rope_theta))
     return SpectralQuantizer(torch.randn(kv_heads, head_dim, generator=g), basis, eig, _CODEBOOKS["gauss"], bits_t,
-                             token_scale)
+                             token_scale, **position)
 
 
 def random_outliers(batch: int, context: int, coords: int, fraction: float, device: torch.device | str,
@@ -350,10 +366,48 @@ def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any)
     return out.reshape(b, hq, d)
 
 
+def compressed_inputs(bits: float, batch: int, context: int, args: argparse.Namespace, dev: torch.device | str
+                      ) -> tuple[Any, Any, torch.Tensor, torch.Tensor, int]:
+    """Random packed keys and values of ``context`` tokens at ``bits`` (codes, scales, outliers; keys position-
+    centred with ``--position-centring rope``, the first compressed token at position ``--sinks``), the
+    full-precision sinks + window + new token, and the bytes a decode step reads."""
+    from spectralkv.kernels.ref import PackedSide
+
+    hkv, d = args.kv_heads, args.head_dim
+    w = args.window + args.sinks + 1
+    rope = args.position_centring == "rope"
+    qk = make_quantizer(hkv, d, bits, args.token_scale, seed=1, rope_theta=args.rope_theta if rope else None)
+    qv = make_quantizer(hkv, d, bits, args.token_scale, seed=2)
+    kc = torch.randint(0, 256, (batch, context, qk.row_bytes), dtype=torch.uint8, device=dev)
+    vc = torch.randint(0, 256, (batch, context, qv.row_bytes), dtype=torch.uint8, device=dev)
+    ks = vs = None
+    if args.token_scale:
+        ks = (torch.rand(batch, context, hkv, device=dev) + 0.5).half()
+        vs = (torch.rand(batch, context, hkv, device=dev) + 0.5).half()
+    k_fp = torch.randn(batch, hkv, w, d, device=dev, dtype=torch.float16)
+    v_fp = torch.randn_like(k_fp)
+    ko = random_outliers(batch, context, hkv * d, args.outlier_fraction, dev, seed=3)
+    vo = random_outliers(batch, context, hkv * d, args.outlier_fraction, dev, seed=4)
+    extra = [t for o in (ko, vo) if o is not None for t in (o.counts, o.index, o.values)]
+    first = torch.full((batch, 1), args.sinks, dtype=torch.long, device=dev) if rope else None
+    return (PackedSide(qk, kc, ks, ko, first), PackedSide(qv, vc, vs, vo), k_fp, v_fp,
+            _nbytes(kc, vc, ks, vs, k_fp, v_fp, *extra))
+
+
+def dequant_attention(q4: torch.Tensor, kside: Any, vside: Any, k_fp: torch.Tensor, v_fp: torch.Tensor, sinks: int
+                      ) -> torch.Tensor:
+    """The dequantize-then-SDPA baseline: decode every packed token (at its position), then SDPA over all."""
+    keys = torch.cat([k_fp[:, :, :sinks], kside.quantizer.decode(kside.codes, kside.scales, k_fp.dtype,
+                                                                  kside.outliers, kside.token_positions()),
+                      k_fp[:, :, sinks:]], 2)
+    values = torch.cat([v_fp[:, :, :sinks], vside.quantizer.decode(vside.codes, vside.scales, v_fp.dtype,
+                                                                    vside.outliers), v_fp[:, :, sinks:]], 2)
+    return torch.nn.functional.scaled_dot_product_attention(q4, keys, values, enable_gqa=True)
+
+
 def run_case(method: str, bits: float | None, context: int, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """Time one case; returns a CSV row (``time_us`` NaN and ``note`` set when it runs out of memory)."""
     from spectralkv.kernels.decode_attention import decode_attention
-    from spectralkv.kernels.ref import PackedSide
 
     dev = torch.device("cuda")
     hkv, d, g = args.kv_heads, args.head_dim, args.group
@@ -379,39 +433,22 @@ def run_case(method: str, bits: float | None, context: int, batch: int, args: ar
 
             candidates = [("torch sdpa enable_gqa=True, default backend (transformers' decode call)", fn)]
         else:
-            qk = make_quantizer(hkv, d, bits, args.token_scale, seed=1)
-            qv = make_quantizer(hkv, d, bits, args.token_scale, seed=2)
-            kc = torch.randint(0, 256, (batch, context, qk.row_bytes), dtype=torch.uint8, device=dev)
-            vc = torch.randint(0, 256, (batch, context, qv.row_bytes), dtype=torch.uint8, device=dev)
-            ks = vs = None
-            if args.token_scale:
-                ks = (torch.rand(batch, context, hkv, device=dev) + 0.5).half()
-                vs = (torch.rand(batch, context, hkv, device=dev) + 0.5).half()
-            k_fp = torch.randn(batch, hkv, w, d, device=dev, dtype=torch.float16)
-            v_fp = torch.randn_like(k_fp)
-            ko = random_outliers(batch, context, hkv * d, args.outlier_fraction, dev, seed=3)
-            vo = random_outliers(batch, context, hkv * d, args.outlier_fraction, dev, seed=4)
-            extra = [t for o in (ko, vo) if o is not None for t in (o.counts, o.index, o.values)]
-            row["bytes"] = _nbytes(kc, vc, ks, vs, k_fp, v_fp, *extra)
-            kside, vside = PackedSide(qk, kc, ks, ko), PackedSide(qv, vc, vs, vo)
+            kside, vside, k_fp, v_fp, row["bytes"] = compressed_inputs(bits, batch, context, args, dev)
+            centring = ", keys position-centred" if kside.positions is not None else ""
             if method == "spectralkv":
                 def fn() -> Any:
                     return decode_attention(q, kside, vside, k_fp, v_fp, num_splits=args.num_splits,
                                             block_t=args.block_t, unpack=args.unpack, lookup=args.lookup,
                                             num_warps=args.num_warps)
 
-                candidates = [(f"triton fused kernel, unpack={args.unpack}, lookup={args.lookup}", fn)]
+                candidates = [(f"triton fused kernel, unpack={args.unpack}, lookup={args.lookup}{centring}", fn)]
             else:
                 q4 = q[:, :, None]
 
                 def fn() -> Any:
-                    keys = torch.cat([k_fp[:, :, : args.sinks], qk.decode(kc, ks, torch.float16, ko),
-                                      k_fp[:, :, args.sinks :]], 2)
-                    values = torch.cat([v_fp[:, :, : args.sinks], qv.decode(vc, vs, torch.float16, vo),
-                                        v_fp[:, :, args.sinks :]], 2)
-                    return torch.nn.functional.scaled_dot_product_attention(q4, keys, values, enable_gqa=True)
+                    return dequant_attention(q4, kside, vside, k_fp, v_fp, args.sinks)
 
-                candidates = [("PyTorch quantizer decode + torch sdpa enable_gqa=True", fn)]
+                candidates = [(f"PyTorch quantizer decode + torch sdpa enable_gqa=True{centring}", fn)]
         results, failures = [], []
         for impl, cand in candidates:
             try:

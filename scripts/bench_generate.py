@@ -117,7 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "always does): how much host work compiling removes, measurable without a GPU")
     p.add_argument("--outlier-fraction", type=float, default=0.0,
                    help="spectralkv keeps this share of coordinates as exact outliers (SmolLM2's default\n"
-                        "calibration: 0.0057; default: %(default)s, none): times the kernels' outlier paths")
+                        "calibration: 0.003; default: %(default)s, none): times the kernels' outlier paths")
+    p.add_argument("--position-centring", choices=("rope", "none"), default="rope",
+                   help="spectralkv's synthetic keys are centred on a pre-RoPE mean rotated to each position, as\n"
+                        "calibrations of RoPE models are by default (the K_POS kernel variant), or on one mean\n"
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
@@ -187,7 +191,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sinks: int, seed: int = 0,
-                          outlier_fraction: float = 0.0) -> Any:
+                          outlier_fraction: float = 0.0, position_centring: str = "none") -> Any:
     """A valid :class:`SpectralKVConfig` for ``model`` without text or forward passes.
 
     Every compressed layer and K/V gets a random orthonormal basis, a log-spaced spectrum (so the allocator gives
@@ -197,12 +201,15 @@ def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sink
     ``outlier_fraction`` > 0 keeps exact outliers (threshold: the Gaussian quantile with that two-sided tail, the
     per-token cap 4x that share, as a calibration sets them), so the outlier paths of the write and decode kernels
     are timed; the random fill's keys are not standardised Gaussians, so most of its tokens reach the cap: the
-    worst case, which a static cache's buffers pay for anyway.
+    worst case, which a static cache's buffers pay for anyway. ``position_centring="rope"`` centres the keys on a
+    random pre-RoPE mean rotated to each position with the model's own RoPE frequencies, as a RoPE-aware calibration
+    does (the decode kernel's ``K_POS`` variant).
     """
     from spectralkv.allocation import allocate
     from spectralkv.codebook import distortion_table, fit_codebooks
-    from spectralkv.config import KINDS, SpectralKVConfig, tensor_name
+    from spectralkv.config import KINDS, ROPE_FREQUENCIES, SpectralKVConfig, tensor_name
     from spectralkv.fingerprint import compressed_layers, fingerprint
+    from spectralkv.positions import ROPE, model_rope_frequencies
 
     fp = fingerprint(model)
     layers = compressed_layers(fp)
@@ -223,12 +230,17 @@ def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sink
             tensors[tensor_name(l, kind, "distortion")] = distortion.clone()
             tensors[tensor_name(l, kind, "codebooks")] = table.clone()
             tensors[tensor_name(l, kind, "bits")] = torch.zeros(h, d, dtype=torch.uint8)
+        if position_centring == ROPE:
+            tensors[tensor_name(l, "k", "position_mean")] = torch.randn(h, d, generator=g)
+    if position_centring == ROPE:
+        tensors[ROPE_FREQUENCIES] = model_rope_frequencies(model, d).float()
     threshold = None
     if outlier_fraction > 0:
         threshold = float(-torch.special.ndtri(torch.tensor(outlier_fraction / 2, dtype=torch.float64)))
     cfg = SpectralKVConfig(base_model=model.config.spectralkv_base_model, fingerprint=fp, compressed_layers=layers,
                            tensors=tensors, default_bits=bits, token_scale=True, sink_tokens=sinks, window=window,
                            outlier_threshold=threshold, outlier_fraction=outlier_fraction if threshold else 0.0,
+                           position_centring=position_centring if position_centring == ROPE else None,
                            calibration={"source": "synthetic (scripts/bench_generate.py): random bases, no text"})
     for key, b in allocate(cfg.weighted_distortion(), cfg.code_bits_for(bits), cfg.group_size).items():
         tensors[tensor_name(*key, "bits")] = b
@@ -407,7 +419,8 @@ class Runner:
     def calibration(self, bits: float) -> Any:
         if bits not in self.calibrations:
             self.calibrations[bits] = synthetic_calibration(self.model, bits, self.args.window, self.args.sinks,
-                                                            self.args.seed, self.args.outlier_fraction)
+                                                            self.args.seed, self.args.outlier_fraction,
+                                                            self.args.position_centring)
         return self.calibrations[bits]
 
     def run(self, method: str, bits: float | None, batch: int, new_tokens: int, fill: bool = False,

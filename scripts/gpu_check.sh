@@ -5,7 +5,7 @@
 # machine's is older than the package needs (make them here with `scripts/gpu_check.sh --wheels`, carry `.whl`).
 #
 #   scripts/gpu_check.sh [STAGE...]     stages: tests decode outliers modes generate compiled maxbatch
-#                                       (default: all but compiled and maxbatch, about 9 minutes at most; then
+#                                       (default: all but compiled and maxbatch, under 10 minutes; then
 #                                       a second call `compiled` (up to 5) and, if time is left, `maxbatch` (up to 7))
 #   scripts/gpu_check.sh --wheels       (on this machine) download the wheels the GPU machine lacks into .whl/
 #
@@ -96,13 +96,16 @@ for s in "${stages[@]}"; do
     decode)  # per-layer decode attention, Llama-3.1-8B shapes (the README's first benchmark line)
       run_stage decode 160 "$PY" scripts/bench_decode.py --contexts 1k 8k 32k 128k --batches 1 4 16 \
         --bits 2 2.5 3 4 --out "$BENCH/decode" ;;
-    outliers)  # the same kernel reading exact outliers at SmolLM2's default share
+    outliers)  # the same kernel reading exact outliers at SmolLM2's default share (0.30% of coordinates)
       run_stage outliers 50 "$PY" scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2.5 4 \
-        --outlier-fraction 0.0057 --out "$BENCH/outliers" ;;
-    modes)  # the kernel's other byte-read and centroid modes at 32k (the decode stage used gather + table)
-      run_stage modes 70 bash -c "'$PY' scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2 2.5 4 \
-        --methods spectralkv --unpack register --out '$BENCH/register' && '$PY' scripts/bench_decode.py \
-        --contexts 32k --batches 1 16 --bits 2 2.5 4 --methods spectralkv --lookup select --out '$BENCH/select'" ;;
+        --outlier-fraction 0.003 --out "$BENCH/outliers" ;;
+    modes)  # the kernel's other byte-read and centroid modes at 32k (the decode stage used gather + table), and
+      # keys centred on one mean (the decode stage's keys are position-centred, as RoPE calibrations are by default)
+      run_stage modes 80 bash -c "'$PY' scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2.5 4 \
+        --methods spectralkv --unpack register --out '$BENCH/register'; '$PY' scripts/bench_decode.py \
+        --contexts 32k --batches 1 16 --bits 2.5 4 --methods spectralkv --lookup select --out '$BENCH/select'; \
+        '$PY' scripts/bench_decode.py --contexts 32k --batches 1 16 --bits 2.5 4 --methods spectralkv \
+        --position-centring none --out '$BENCH/onemean'" ;;
     generate)  # end-to-end generate at batch 8 x 32k on an 8B-shaped random model; flush block 32 writes the
       # store once every 32 steps (64 write-kernel launches per step fewer on 32 layers): does host overhead matter?
       run_stage generate 170 "$PY" scripts/bench_generate.py --batches 8 --context 32k --new-tokens 128 \
@@ -117,7 +120,7 @@ for s in "${stages[@]}"; do
 done
 
 # what comes back: the log, every Markdown table in one file, the decode and generate CSVs and plots
-for name in decode outliers register select generate compiled maxbatch; do
+for name in decode outliers register select onemean generate compiled maxbatch; do
   for f in "$BENCH/$name"/*.md; do
     [ -f "$f" ] && { printf '\n## %s\n\n' "$name"; cat "$f"; } >> "$OUT/results.md"
   done

@@ -47,7 +47,8 @@ def gen() -> ModuleType:
 
 # -- command lines ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script,flags", [
-    ("bench_decode.py", ["--contexts", "--timer", "--no-cuda-graph", "--l2", "--copy-gb", "--target-context"]),
+    ("bench_decode.py", ["--contexts", "--timer", "--no-cuda-graph", "--l2", "--copy-gb", "--target-context",
+                         "--position-centring"]),
     ("bench_generate.py", ["--batches", "--context", "--find-max-batch", "--tiny", "--device", "--prefill-chunk"]),
     ("eval_outlier_slots.py", ["--calibration", "--slots", "--bits", "--windows"]),
     ("eval_weight_profiles.py", ["--calibration", "--bits", "--windows", "--out"]),
@@ -286,6 +287,31 @@ def test_decode_markdown_and_plot(decode: ModuleType, tmp_path: Path) -> None:
     assert (tmp_path / "bench_decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_decode_compressed_inputs(decode: ModuleType) -> None:
+    """The benchmark's packed keys are position-centred by default (the kernel's K_POS variant, what RoPE-aware
+    calibrations run), and its two compressed methods attend over the same keys at their positions: the
+    dequantize-then-SDPA baseline equals the reference attention straight from the codes."""
+    from spectralkv.kernels.ref import PackedSide, decode_attention_ref
+
+    args = decode.parse_args(["--kv-heads", "2", "--head-dim", "64", "--group", "3", "--outlier-fraction", "0.01"])
+    assert args.position_centring == "rope" and args.rope_theta == 500000.0
+    kside, vside, k_fp, v_fp, nbytes = decode.compressed_inputs(2.5, 2, 50, args, "cpu")
+    freqs = kside.quantizer.frequencies
+    assert kside.quantizer.position_centred and torch.equal(freqs[:32], freqs[32:])
+    assert kside.positions.flatten().tolist() == [args.sinks] * 2 and not vside.quantizer.position_centred
+    assert nbytes > kside.codes.numel() + vside.codes.numel() and kside.outliers is not None
+    q = torch.randn(2, 6, 64)
+    want = decode_attention_ref(q, kside, vside, k_fp.float(), v_fp.float())
+    got = decode.dequant_attention(q[:, :, None], kside, vside, k_fp.float(), v_fp.float(), args.sinks)[:, :, 0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    shifted = PackedSide(kside.quantizer, kside.codes, kside.scales, kside.outliers, kside.positions + 100)
+    assert not torch.allclose(decode_attention_ref(q, shifted, vside, k_fp.float(), v_fp.float()), want, atol=1e-3)
+    plain = decode.compressed_inputs(2.5, 2, 50, decode.parse_args(["--position-centring", "none"]), "cpu")[0]
+    assert plain.positions is None and not plain.quantizer.position_centred
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--rope-theta", "0"])
+
+
 def test_decode_main_writes_reports(decode: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     """The whole of main() but the GPU work (cases and copy bandwidth faked): CSV with the derived columns in every
@@ -371,19 +397,24 @@ def test_generate_speedups_and_targets(gen: ModuleType) -> None:
     assert not gen.is_oom(RuntimeError("shape mismatch")) and not gen.is_oom(ValueError("out of memory"))
 
 
-def test_synthetic_calibration_is_a_valid_artifact(gen: ModuleType, tmp_path: Path) -> None:
-    """Saved and reloaded through the library's validator, at the requested budget, for the random model."""
+@pytest.mark.parametrize("centring", ["rope", "none"])
+def test_synthetic_calibration_is_a_valid_artifact(gen: ModuleType, tmp_path: Path, centring: str) -> None:
+    """Saved and reloaded through the library's validator, at the requested budget, for the random model; with
+    ``rope`` (the benchmark's default, as for a real RoPE calibration) its keys are position-centred."""
     from spectralkv import SpectralKVConfig
 
     args = gen.parse_args(["--device", "cpu", "--tiny"])
+    assert args.position_centring == "rope"
     model = gen.build_model(args)
-    cfg = gen.synthetic_calibration(model, 2.5, window=8, sinks=2)
+    cfg = gen.synthetic_calibration(model, 2.5, window=8, sinks=2, position_centring=centring)
     cfg.save_pretrained(tmp_path / "cal", card=False)
     loaded = SpectralKVConfig.from_pretrained(tmp_path / "cal", model=model)
     assert loaded.compressed_layers == [0, 1] and (loaded.window, loaded.sink_tokens) == (8, 2)
     assert 2.0 < loaded.effective_bits() <= 2.5
     bits = loaded.allocation()[(0, "k")]
     assert int(bits.max()) > int(bits.min())  # log-spaced spectrum: leading coordinates get more bits
+    quant = loaded.quantizers()
+    assert quant[(0, "k")].position_centred == (centring == "rope") and not quant[(0, "v")].position_centred
 
 
 def test_generate_outlier_fraction(gen: ModuleType) -> None:
