@@ -211,6 +211,8 @@ def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sink
     from spectralkv.fingerprint import compressed_layers, fingerprint
     from spectralkv.positions import ROPE, model_rope_frequencies
 
+    if position_centring not in (ROPE, "none"):
+        raise ValueError(f"position_centring must be 'rope' or 'none', got {position_centring!r}.")
     fp = fingerprint(model)
     layers = compressed_layers(fp)
     h, d = fp["num_key_value_heads"], fp["head_dim"]

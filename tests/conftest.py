@@ -82,7 +82,8 @@ def smollm2_calibration(smollm2: tuple[Any, Any], tmp_path_factory: pytest.TempP
     """A small but real calibration of SmolLM2 at 3 bits (3k fitting tokens), saved and reloaded from disk.
 
     Two outlier candidates (none, 3 std) and one re-fitted budget instead of the defaults' four and three: the search
-    is the same code, and this set-up took 180 s instead of 320 s on 2 cores (2026-12-07)."""
+    is the same code, and this set-up took 180 s instead of 320 s on 2 cores (2026-12-07); 146 s with the split
+    served attention (model load included)."""
     from spectralkv import SpectralKVConfig
     from spectralkv.calibrate import calibrate
 

@@ -415,6 +415,8 @@ def test_synthetic_calibration_is_a_valid_artifact(gen: ModuleType, tmp_path: Pa
     assert int(bits.max()) > int(bits.min())  # log-spaced spectrum: leading coordinates get more bits
     quant = loaded.quantizers()
     assert quant[(0, "k")].position_centred == (centring == "rope") and not quant[(0, "v")].position_centred
+    with pytest.raises(ValueError, match="'rope' or 'none'"):
+        gen.synthetic_calibration(model, 2.5, window=8, sinks=2, position_centring="RoPE")
 
 
 def test_generate_outlier_fraction(gen: ModuleType) -> None:
