@@ -17,6 +17,8 @@ Codebooks become two ``[9, 256]`` tables indexed by ``nbits * 256 + code``: ``ce
 0-bit coordinate reconstructs to 0 in the rotated basis, i.e. to the mean) and ``boundaries`` (row ``b``: the
 ``2**b - 1`` decision boundaries of the ``b``-bit codebook, computed exactly as :func:`spectralkv.codebook.quantize`
 computes them, padded with ``+inf``).
+
+The PyTorch path decodes whole rows by byte lookups instead (``rows``, :mod:`spectralkv.row_decoder`): same numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 from spectralkv import codebook as cb
 from spectralkv.quantizer import SpectralQuantizer
+from spectralkv.row_decoder import RowDecoder
 
 TABLE_ROWS = cb.MAX_BITS + 1
 TABLE_COLS = cb.CODEBOOK_SIZE
@@ -53,6 +56,7 @@ class SpectralTables:
     encoder: torch.Tensor  # [H, D, D] float32: z = (x - mean) @ encoder[h]
     decoder: torch.Tensor  # [H, D, D] float32: x = mean + z @ decoder[h]
     decoder_mean: torch.Tensor  # [H, D + 1, D] float32: decoder rows, then the mean (q @ it.T = [q_rot, q . mean])
+    rows: RowDecoder  # the PyTorch path's byte-lookup decoder of packed rows
     position_mean: torch.Tensor | None = None  # [H, D] float32 pre-RoPE mean m (position-centred keys only)
     frequencies: torch.Tensor | None = None  # [D] float32 RoPE frequencies (with position_mean)
 
@@ -85,6 +89,7 @@ def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> Sp
         encoder=q.encoder.float().contiguous().to(dev),
         decoder=q.decoder.float().contiguous().to(dev),
         decoder_mean=torch.cat([q.decoder.float(), q.mean.float()[:, None, :]], dim=1).contiguous().to(dev),
+        rows=q.row_decoder(dev),
         position_mean=None if q.position_mean is None else q.position_mean.float().contiguous().to(dev),
         frequencies=None if q.frequencies is None else q.frequencies.float().contiguous().to(dev),
     )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from spectralkv.positions import position_features, rotate_half
-from spectralkv.quantizer import Outliers, SlotOutliers, SpectralQuantizer
+from spectralkv.quantizer import Outliers, SlotOutliers, SpectralQuantizer, rotated_from_centroids
 
 from .layout import SpectralTables, tables_for
 
@@ -43,18 +43,21 @@ class PackedSide:
     scales: torch.Tensor | None  # [B, N, H] fp16
     outliers: Outliers | SlotOutliers | None = None  # CSR (counts [B, N], token-major entries) or fixed slots
     positions: torch.Tensor | None = None  # [B, 1] position of each row's first token (position-centred keys)
+    rows_share_positions: bool = False  # every row's tokens sit at the same positions (no left padding)
 
     @property
     def length(self) -> int:
         return self.codes.shape[1]
 
     def token_positions(self) -> torch.Tensor | None:
-        """``[B, N]`` positions of the tokens (None unless the quantizer is position-centred)."""
+        """``[B, N]`` positions of the tokens, ``[1, N]`` when the rows share them (None unless the quantizer is
+        position-centred)."""
         if not self.quantizer.position_centred:
             return None
         if self.positions is None:
             raise ValueError("These keys are position-centred: their PackedSide needs `positions` (each row's first).")
-        return self.positions + torch.arange(self.length, device=self.positions.device)
+        first = self.positions[:1] if self.rows_share_positions else self.positions
+        return first + torch.arange(self.length, device=self.positions.device)
 
 
 def position_scores(qf: torch.Tensor, k: PackedSide) -> torch.Tensor | None:
@@ -63,9 +66,13 @@ def position_scores(qf: torch.Tensor, k: PackedSide) -> torch.Tensor | None:
     if pos is None:
         return None
     quant = k.quantizer
-    cos, sin = position_features(pos.to(qf.device), quant.frequencies)  # [B, N, D]
+    cos, sin = position_features(pos.to(qf.device), quant.frequencies)  # [B or 1, N, D]
     m = quant.position_mean.to(qf.device)[None, :, None, :]
-    return (torch.einsum("bhgd,bnd->bhgn", qf * m, cos) + torch.einsum("bhgd,bnd->bhgn", qf * rotate_half(m), sin))
+    if pos.shape[0] == 1:  # rows share positions: one cos/sin per position
+        cos, sin, spec = cos[0], sin[0], "bhgd,nd->bhgn"
+    else:
+        spec = "bhgd,bnd->bhgn"
+    return torch.einsum(spec, qf * m, cos) + torch.einsum(spec, qf * rotate_half(m), sin)
 
 
 def encode_ref(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -73,31 +80,31 @@ def encode_ref(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torch.Ten
     return quantizer.encode(x)
 
 
+def coordinate_centroids(tables: SpectralTables, codes: torch.Tensor) -> torch.Tensor:
+    """Packed rows ``[B, N, row_bytes]`` -> centroids ``[B, N, H, D]`` the way the kernels decode them: one byte gather
+    per coordinate through the layout tables, all heads and regimes at once. The check on ``tables.rows`` (the byte
+    lookups the PyTorch path uses) and on :func:`spectralkv.packing.unpack`."""
+    h, d = tables.num_heads, tables.head_dim
+    if codes.shape[-1] == 0:  # every coordinate at 0 bits
+        return codes.new_zeros(codes.shape[0], codes.shape[1], h, d, dtype=torch.float32)
+    flat = tables.byte_index.reshape(-1).long()
+    spills = (tables.nbits > 0) & (tables.shift + tables.nbits > 8)
+    lo = codes[..., flat].to(torch.int32)
+    hi = codes[..., (flat + 1).clamp_max(codes.shape[-1] - 1)].to(torch.int32) * spills.reshape(-1)
+    mask = (1 << tables.nbits.reshape(-1)) - 1
+    code = ((lo | (hi << 8)) >> tables.shift.reshape(-1)) & mask
+    z = tables.centroids.reshape(-1)[(tables.nbits.reshape(-1) * tables.centroids.shape[1]) + code]
+    return z.view(codes.shape[0], codes.shape[1], h, d)
+
+
 def decode_rotated_ref(tables: SpectralTables, codes: torch.Tensor, scales: torch.Tensor | None,
                        outliers: Outliers | SlotOutliers | None = None) -> torch.Tensor:
     """Packed rows ``[B, N, row_bytes]`` (and their outliers) -> standardised rotated coordinates ``[B, H, N, D]``.
 
-    Same numbers as :meth:`SpectralQuantizer.decode_rotated`, computed the way the kernels do (one byte gather per
-    coordinate through the layout tables, all heads and regimes at once) instead of regime by regime.
+    Same numbers as :meth:`SpectralQuantizer.decode_rotated`, from the tables alone (so a compiled step holds
+    everything it reads); the codes are decoded by the byte lookups of ``tables.rows``.
     """
-    h, d = tables.num_heads, tables.head_dim
-    if codes.shape[-1] == 0:  # every coordinate at 0 bits
-        z = codes.new_zeros(codes.shape[0], codes.shape[1], h, d, dtype=torch.float32)
-    else:
-        flat = tables.byte_index.reshape(-1).long()
-        spills = (tables.nbits > 0) & (tables.shift + tables.nbits > 8)
-        lo = codes[..., flat].to(torch.int32)
-        hi = codes[..., (flat + 1).clamp_max(codes.shape[-1] - 1)].to(torch.int32) * spills.reshape(-1)
-        mask = (1 << tables.nbits.reshape(-1)) - 1
-        code = ((lo | (hi << 8)) >> tables.shift.reshape(-1)) & mask
-        z = tables.centroids.reshape(-1)[(tables.nbits.reshape(-1) * tables.centroids.shape[1]) + code]
-        z = z.view(codes.shape[0], codes.shape[1], h, d)
-    z = z.transpose(1, 2)
-    if outliers is not None:
-        z = SpectralQuantizer.apply_outliers(z.clone(), outliers)  # in the codebook's domain, before the scale
-    if scales is not None:
-        z = z * scales.float().transpose(1, 2).unsqueeze(-1)
-    return z
+    return rotated_from_centroids(tables.rows(codes), tables.num_heads, tables.head_dim, scales, outliers)
 
 
 def _check(q: torch.Tensor, k: PackedSide, v: PackedSide, k_fp: torch.Tensor | None, v_fp: torch.Tensor | None

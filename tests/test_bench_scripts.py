@@ -2,13 +2,15 @@
 
 ``scripts/bench_decode.py`` needs CUDA for every measurement, so its tests cover the command line, the no-GPU exit,
 the timer's fallback when graph capture fails (with fake timing functions), and the derived columns, target checks
-and Markdown report on hand-made rows. ``scripts/bench_generate.py`` also runs end to end on CPU with ``--tiny``.
+and Markdown report on hand-made rows. ``scripts/bench_generate.py`` also runs end to end on CPU with ``--tiny``, as
+does ``scripts/bench_cpu_decode.py`` (the CPU path's own benchmark).
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -51,6 +53,7 @@ def gen() -> ModuleType:
                          "--position-centring"]),
     ("bench_generate.py", ["--batches", "--context", "--find-max-batch", "--tiny", "--device", "--prefill-chunk"]),
     ("eval_outlier_slots.py", ["--calibration", "--slots", "--bits", "--windows"]),
+    ("bench_cpu_decode.py", ["--contexts", "--batches", "--calibration", "--tiny", "--out"]),
     ("eval_weight_profiles.py", ["--calibration", "--bits", "--windows", "--out"]),
     ("eval_position_centring.py", ["--calibrations", "--bits", "--length", "--ranges", "--out"]),
 ])
@@ -692,3 +695,43 @@ def test_position_centring_script_end_to_end(tmp_path: Path, monkeypatch: pytest
     md = (out / "position_centring.md").read_text()
     assert "| rope | rope | 2 |" in md and "| plain | mean | 2 |" in md
     assert (out / "position_centring.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_decode_tiny_end_to_end(tmp_path: Path) -> None:
+    """The CPU benchmark runs every method on every case and writes its table, JSON and plot; the compressed caches
+    really hold compressed tokens (the contexts exceed sinks + window)."""
+    cpu = _load("bench_cpu_decode")
+    assert cpu.main(["--tiny", "--contexts", "48", "80", "--batches", "2", "--steps", "2", "--out",
+                     str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["rows"]
+    assert [(r["method"], r["context"]) for r in rows] == [(m, c) for c in (48, 80) for m in cpu.METHODS]
+    assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["vs_uncompressed"] == 1.0 for r in rows if r["method"] == "uncompressed")
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| spectralkv-fused |") == 2 and (tmp_path / "cpu_decode.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        cpu.parse_args(["--steps", "0"])
+
+
+def test_cpu_decode_fill_compresses_what_a_prefill_would(tiny_llama: Any, tiny_llama_calibration: Any) -> None:
+    """Handing a prefill's keys and values to a spectralkv cache (``fill``) stores them as its own prefill does."""
+    from transformers import DynamicCache
+
+    from spectralkv import SpectralKVCache
+
+    cpu = _load("bench_cpu_decode")
+    cfg = tiny_llama_calibration
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = DynamicCache(config=tiny_llama.config)
+        tiny_llama(ids, past_key_values=plain, use_cache=True)
+        own, filled = SpectralKVCache(tiny_llama, cfg), SpectralKVCache(tiny_llama, cfg)
+        tiny_llama(ids, past_key_values=own, use_cache=True)
+        cpu.fill(filled, [(layer.keys, layer.values) for layer in plain.layers])
+        nxt = ids[:, -1:]
+        a = tiny_llama(nxt, past_key_values=own, use_cache=True).logits
+        b = tiny_llama(nxt, past_key_values=filled, use_cache=True).logits
+    assert filled.get_seq_length() == own.get_seq_length() == 61
+    assert filled.memory_report()["compressed_tokens"] > 0
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from spectralkv.kernels.layout import tables_for
-from spectralkv.kernels.ref import PackedSide, decode_attention_ref, decode_rotated_ref
+from spectralkv.kernels.ref import PackedSide, coordinate_centroids, decode_attention_ref, decode_rotated_ref
 
 from spectralkv import codebook as cb
 from spectralkv.codebook import fit_codebooks
@@ -112,11 +112,22 @@ LAYOUT_CASES = [(m, 64) for m in sorted(MIXES) if m != "small"] + [("small", 16)
 
 @pytest.mark.parametrize("mix,d", LAYOUT_CASES, ids=str)
 def test_layout_tables_decode_like_unpack(mix: str, d: int) -> None:
-    """The per-coordinate (byte, shift, bits) tables the kernels use decode exactly what the regime unpacker does."""
+    """The per-coordinate (byte, shift, bits) tables the kernels use decode exactly what the regime unpacker does, and
+    so do the PyTorch path's byte lookups (``tables.rows``)."""
     q = make_quantizer(3, d, mix, token_scale=d != 80, seed=d)
     x = make_tokens(q, 2, 9)
     packed, scales = q.encode(x)
-    got = decode_rotated_ref(tables_for(q, DEV), packed, scales)
+    tables = tables_for(q, DEV)
+    per_coordinate = coordinate_centroids(tables, packed)
+    codes = codes_of(q, packed)
+    for b in range(1, 9):  # the regime unpacker's codes, looked up in the b-bit codebook
+        sel = (tables.nbits.view(1, 1, q.num_heads, q.head_dim) == b).expand_as(codes)
+        expected = q.codebooks[b - 1][codes.clamp_min(0)]
+        assert torch.equal(per_coordinate[sel], expected[sel]), f"{b}-bit coordinates"
+    assert (per_coordinate[codes < 0] == 0).all()
+    rows = tables.rows(packed)
+    assert torch.equal(rows, per_coordinate.flatten(2)), report(rows, per_coordinate.flatten(2))
+    got = decode_rotated_ref(tables, packed, scales)
     assert torch.equal(got, q.decode_rotated(packed, scales))
 
 
@@ -707,6 +718,23 @@ def test_reference_with_positioned_keys_equals_sdpa_over_decode() -> None:
     assert (decode_attention_ref(**shifted) - got).abs().max() > 1e-3  # the position term matters
     with pytest.raises(ValueError, match="needs `positions`"):
         decode_attention_ref(**{**case, "k": PackedSide(k.quantizer, k.codes, k.scales, k.outliers)})
+
+
+def test_rows_sharing_positions_take_one_centre_per_position() -> None:
+    """Keys whose rows share their positions (no left padding) give the same attention when the side says so (one
+    cos/sin per position instead of per row), in the reference and the kernel, and when decoded."""
+    from spectralkv.kernels.decode_attention import decode_attention
+
+    case = positioned_case(2, 64, "2.5bit", 21, 3, [9, 9], masks="ragged")
+    k = case["k"]
+    shared = {**case, "k": PackedSide(k.quantizer, k.codes, k.scales, k.outliers, k.positions, True)}
+    assert shared["k"].token_positions().shape == (1, 21)
+    expected = decode_attention_ref(**case)
+    torch.testing.assert_close(decode_attention_ref(**shared), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(decode_attention(**shared, num_splits=2, block_t=16), expected, atol=1e-5, rtol=1e-5)
+    decoded = k.quantizer.decode(k.codes, k.scales, torch.float32, k.outliers, positions=k.token_positions())
+    assert torch.equal(k.quantizer.decode(k.codes, k.scales, torch.float32, k.outliers,
+                                          positions=shared["k"].token_positions()), decoded)
 
 
 POSITIONED_CASES = [  # (g, d, mix_k, n, window, first, splits, block_t, dtype)

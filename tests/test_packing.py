@@ -116,3 +116,17 @@ def test_row_layout_for_arbitrary_bit_mixes(case: tuple[SpectralQuantizer, torch
     assert torch.equal(got, expected)
     reference_row = torch.cat(row, -1) if row else packed[..., :0]
     assert torch.equal(packed, reference_row)
+
+
+def test_row_decoder_edge_shapes() -> None:
+    """The byte-lookup decoder handles no tokens, and a layer whose coordinates all got 0 bits (empty rows)."""
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(2, 16, 16, generator=g))[0]
+    for widths in ([[3] * 16, [5] * 8 + [2] * 8], [[0] * 16, [0] * 16]):
+        q = SpectralQuantizer(torch.zeros(2, 16), basis, torch.ones(2, 16), _TABLE, torch.tensor(widths), True)
+        empty = q.decode_rotated(torch.zeros(3, 0, q.row_bytes, dtype=torch.uint8), torch.ones(3, 0, 2))
+        assert empty.shape == (3, 2, 0, 16)
+        x = torch.randn(3, 2, 4, 16, generator=g)
+        z = q.decode_rotated(*q.encode(x))
+        assert z.shape == (3, 2, 4, 16) and bool(z.isfinite().all())
+        assert (z == 0).all() == (q.row_bytes == 0)

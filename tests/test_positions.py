@@ -203,6 +203,25 @@ def test_store_keeps_first_positions_and_refuses_gaps(rope_calibration: Spectral
     torch.testing.assert_close(store.decode(torch.float32), whole[[1, 1, 0]], atol=1e-4, rtol=1e-4)
 
 
+def test_store_shares_positions_given_as_one_row(rope_calibration: SpectralKVConfig) -> None:
+    """Positions given once for every row (``[1, n]``, a cache layer without left padding) decode like the same
+    positions given per row, with one centre per position; a later per-row append must still follow them."""
+    q = rope_calibration.quantizers()[(rope_calibration.compressed_layers[0], "k")]
+    x = torch.randn(3, 2, 7, D)
+    shared, per_row = SpectralStore(q), SpectralStore(q)
+    shared.append(x[:, :, :5], positions=torch.arange(40, 45)[None])
+    per_row.append(x[:, :, :5], positions=torch.arange(40, 45).expand(3, 5))
+    assert shared.rows_share_positions and not per_row.rows_share_positions
+    assert shared._positions(0, 5).shape == (1, 5)
+    shared.append(x[:, :, 5:], positions=torch.arange(45, 47).expand(3, 2))
+    per_row.append(x[:, :, 5:], positions=torch.arange(45, 47).expand(3, 2))
+    assert torch.equal(shared.decode(torch.float32), per_row.decode(torch.float32))
+    with pytest.raises(ValueError, match="consecutive"):
+        shared.append(x[:, :, :1], positions=torch.tensor([[47], [47], [50]]))
+    shared.select_batch(torch.tensor([2, 0]))
+    assert torch.equal(shared.decode(torch.float32), per_row.decode(torch.float32)[[2, 0]])
+
+
 def test_left_padded_rows_are_centred_at_their_own_positions(biased_llama: torch.nn.Module,
                                                              rope_calibration: SpectralKVConfig) -> None:
     """``generate`` gives a left-padded row positions from its first real token; the cache centres it there, so its

@@ -74,10 +74,15 @@ class SpectralStore(TokenStore):
         self.scales = GrowableBuffer()
         self.outliers = OutlierBuffer()
         self.first_position: torch.Tensor | None = None  # [B, 1] position of each row's first stored token
+        # Whether every row's tokens sit at the same positions (the first append gave them as one [1, n] row, as a
+        # cache layer does without left padding): decoding then computes each position's centre once, not per row.
+        self.rows_share_positions = False
 
     def _positions(self, start: int, stop: int) -> torch.Tensor | None:
-        return None if self.first_position is None else self.first_position + torch.arange(
-            start, stop, device=self.first_position.device)
+        if self.first_position is None:
+            return None
+        first = self.first_position[:1] if self.rows_share_positions else self.first_position
+        return first + torch.arange(start, stop, device=first.device)
 
     def _check_positions(self, x: torch.Tensor, positions: torch.Tensor | None) -> None:
         if not self.needs_positions:
@@ -85,12 +90,14 @@ class SpectralStore(TokenStore):
         if positions is None:
             raise ValueError("This store's quantizer centres keys on their RoPE positions: append(x, positions=...).")
         positions = torch.as_tensor(positions, device=x.device).long()
+        shared = positions.dim() == 1 or positions.shape[0] == 1
         positions = positions.expand(x.shape[0], x.shape[2]) if positions.dim() == 2 else positions.expand(
             x.shape[0], -1)
         if self.first_position is None:
             self.first_position = positions[:, :1].clone()
-        elif positions.device.type == "cpu" and not torch.equal(positions, self._positions(len(self),
-                                                                                            len(self) + x.shape[2])):
+            self.rows_share_positions = shared
+        elif positions.device.type == "cpu" and not torch.equal(
+                positions, self._positions(len(self), len(self) + x.shape[2]).expand_as(positions)):
             # checked where it costs no device sync (a cache layer always appends consecutive positions)
             raise ValueError("A position-centred store holds consecutive positions; these do not follow the last "
                              "stored token's.")

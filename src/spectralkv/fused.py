@@ -295,7 +295,7 @@ class FusedSpectralStore(SpectralStore):
             raise RuntimeError("packed() on a store that was never appended to")
         scales = self.scales.view() if self.quantizer.token_scale else None
         outliers = self.outliers.view() if self.quantizer.outlier_threshold is not None else None
-        return PackedSide(self.quantizer, codes, scales, outliers, self.first_position)
+        return PackedSide(self.quantizer, codes, scales, outliers, self.first_position, self.rows_share_positions)
 
 
 class FusedCompressedLayer(CompressedLayer):

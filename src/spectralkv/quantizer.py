@@ -22,6 +22,7 @@ from . import codebook as cb
 from .packing import packed_bytes
 from .positions import check_frequencies, position_features
 from .positions import rotate as rope_rotate
+from .row_decoder import RowDecoder, build_row_decoder
 
 EIGENVALUE_FLOOR = 1e-10
 SCALE_FLOOR = 1e-6
@@ -93,10 +94,7 @@ class CoordinateTables:
 
     nbits: torch.Tensor  # [H*D] int64
     byte: torch.Tensor  # [H*D] int64: row byte holding the coordinate's first bit
-    byte_hi: torch.Tensor  # [H*D] int64: the next byte (clamped to the row), read when the code spills into it
     shift: torch.Tensor  # [H*D] int32: bit position within ``byte``
-    spills: torch.Tensor  # [H*D] bool
-    mask: torch.Tensor  # [H*D] int32: 2**nbits - 1
     boundaries: torch.Tensor  # [H*D, 255] float32 decision boundaries, +inf padded (0 bits: all +inf)
     centroids: torch.Tensor  # [9 * 256] float32, row 0 zeros
     centroid_base: torch.Tensor  # [H*D] int64: nbits * 256
@@ -192,6 +190,7 @@ class SpectralQuantizer:
         self._device_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._position_cache: dict[torch.device, torch.Tensor] = {}
         self._coord_cache: dict[torch.device, CoordinateTables] = {}
+        self._row_decoders: dict[torch.device, RowDecoder] = {}
 
     # -- accounting -------------------------------------------------------------------------------------------
     @property
@@ -261,15 +260,19 @@ class SpectralQuantizer:
             self._coord_cache[device] = CoordinateTables(
                 nbits=nbits.to(device),
                 byte=byte.to(device),
-                byte_hi=(byte + 1).clamp_max(max(self.row_bytes - 1, 0)).to(device),
                 shift=shift.to(device),
-                spills=((nbits > 0) & (shift.long() + nbits > 8)).to(device),
-                mask=((1 << nbits) - 1).to(torch.int32).to(device),
                 boundaries=bnd[nbits].contiguous().to(device),
                 centroids=cent.reshape(-1).to(device),
                 centroid_base=(nbits * cb.CODEBOOK_SIZE).to(device),
             )
         return self._coord_cache[device]
+
+    def row_decoder(self, device: torch.device | str) -> RowDecoder:
+        """Byte-lookup decoder of packed rows (:mod:`spectralkv.row_decoder`), built once per device."""
+        device = torch.device(device)
+        if device not in self._row_decoders:
+            self._row_decoders[device] = build_row_decoder(self, device)
+        return self._row_decoders[device]
 
     def _codes(self, z: torch.Tensor) -> torch.Tensor:
         """``[B, H, T, D]`` coordinates -> ``[B, T, H * D]`` int64 codes (0 for 0-bit coordinates), every regime in one
@@ -423,20 +426,10 @@ class SpectralQuantizer:
 
     def decode_rotated(self, packed: torch.Tensor, scales: torch.Tensor | None,
                        outliers: Outliers | SlotOutliers | None = None) -> torch.Tensor:
-        """Packed rows -> reconstructed standardised coordinates ``[B, H, T, D]`` (packing order, float32)."""
-        b, t, _ = packed.shape
-        if self.row_bytes == 0:  # every coordinate at 0 bits
-            z = torch.zeros(b, self.num_heads, t, self.head_dim, dtype=torch.float32, device=packed.device)
-        else:
-            tab = self.coordinate_tables(packed.device)
-            lo = packed[..., tab.byte].to(torch.int32)
-            hi = packed[..., tab.byte_hi].to(torch.int32) * tab.spills
-            codes = ((lo | (hi << 8)) >> tab.shift) & tab.mask
-            z = self._centroids(codes.long()).contiguous()
-        self.apply_outliers(z, outliers)
-        if scales is not None:
-            z = z * scales.transpose(1, 2).float().unsqueeze(-1)
-        return z
+        """Packed rows -> reconstructed standardised coordinates ``[B, H, T, D]`` (packing order, float32; a
+        transposed view of ``[B, T, H, D]`` storage)."""
+        centroids = self.row_decoder(packed.device)(packed)
+        return rotated_from_centroids(centroids, self.num_heads, self.head_dim, scales, outliers)
 
     def decode(self, packed: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
                outliers: Outliers | SlotOutliers | None = None, positions: torch.Tensor | None = None
@@ -468,6 +461,23 @@ class SpectralQuantizer:
         if scales is not None:
             zq = zq * scales
         return (torch.einsum("bhte,hed->bhtd", zq, dec) + centre).to(x.dtype)
+
+
+def rotated_from_centroids(z: torch.Tensor, num_heads: int, head_dim: int, scales: torch.Tensor | None,
+                           outliers: Outliers | SlotOutliers | None) -> torch.Tensor:
+    """Decoded centroids ``[B, T, H * D]`` (a fresh float32 tensor, changed in place) -> the coordinates ``[B, H, T,
+    D]``: exact outliers written over their centroids, then everything times the token's scale. Works in the
+    decoder's token-major layout, so it costs no copy."""
+    b, t, _ = z.shape
+    if isinstance(outliers, Outliers) and outliers.values.numel():
+        rows, toks = outliers.positions()
+        z[rows, toks, outliers.index.long()] = outliers.values.to(z.dtype)
+    z = z.view(b, t, num_heads, head_dim)
+    if isinstance(outliers, SlotOutliers):
+        _apply_slot_outliers(z.transpose(1, 2), outliers)
+    if scales is not None:
+        z.mul_(scales.to(z.dtype).unsqueeze(-1))
+    return z.transpose(1, 2)
 
 
 def _apply_slot_outliers(z: torch.Tensor, outliers: SlotOutliers) -> torch.Tensor:
