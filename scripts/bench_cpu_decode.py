@@ -103,7 +103,7 @@ def time_steps(model: torch.nn.Module, cache: Any, batch: int, steps: int, vocab
     for i in range(steps + 1):
         ids = torch.randint(0, vocab, (batch, 1), generator=g)
         t0 = time.perf_counter()
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
         if i:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -122,7 +122,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     for batch, context in tqdm(cases, desc="cases"):
         g = torch.Generator().manual_seed(0)
         prefill = new_cache(model, "uncompressed", cfg)
-        model(torch.randint(0, vocab, (batch, context), generator=g), past_key_values=prefill, use_cache=True)
+        model(torch.randint(0, vocab, (batch, context), generator=g), cache=prefill, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in prefill.layers]
         del prefill
         for method in args.methods:

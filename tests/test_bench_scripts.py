@@ -725,13 +725,13 @@ def test_cpu_decode_fill_compresses_what_a_prefill_would(tiny_llama: Any, tiny_l
     ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = DynamicCache(config=tiny_llama.config)
-        tiny_llama(ids, past_key_values=plain, use_cache=True)
+        tiny_llama(ids, cache=plain, use_cache=True)
         own, filled = SpectralKVCache(tiny_llama, cfg), SpectralKVCache(tiny_llama, cfg)
-        tiny_llama(ids, past_key_values=own, use_cache=True)
+        tiny_llama(ids, cache=own, use_cache=True)
         cpu.fill(filled, [(layer.keys, layer.values) for layer in plain.layers])
         nxt = ids[:, -1:]
-        a = tiny_llama(nxt, past_key_values=own, use_cache=True).logits
-        b = tiny_llama(nxt, past_key_values=filled, use_cache=True).logits
+        a = tiny_llama(nxt, cache=own, use_cache=True).logits
+        b = tiny_llama(nxt, cache=filled, use_cache=True).logits
     assert filled.get_seq_length() == own.get_seq_length() == 61
     assert filled.memory_report()["compressed_tokens"] > 0
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -118,6 +118,10 @@ class SpectralStore(TokenStore):
         return self.quantizer.decode(codes, self.scales.view(), dtype, self.outliers.view(),
                                      positions=self._positions(0, len(self)))
 
+    def decode_into(self, out: torch.Tensor) -> None:
+        self.quantizer.decode(self.codes.view(), self.scales.view(), out.dtype, self.outliers.view(),
+                              positions=self._positions(0, len(self)), out=out)
+
     def decode_tail(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """The last ``n`` tokens decoded (the rest untouched)."""
         codes = self.codes.view()[:, -n:]

@@ -71,6 +71,11 @@ class TokenStore(ABC):
     def decode(self, dtype: torch.dtype) -> torch.Tensor | None:
         """All stored tokens as ``[B, H, N, D]`` in ``dtype`` (None when empty)."""
 
+    def decode_into(self, out: torch.Tensor) -> None:
+        """Write all stored tokens into ``out`` ``[B, H, N, D]``: a slice of the tensor a decode step attends over
+        (stores that can decode in place override this to spare the copy)."""
+        out.copy_(self.decode(out.dtype))
+
     @abstractmethod
     def __len__(self) -> int: ...
 
@@ -154,8 +159,18 @@ class CompressedLayer(DynamicLayer):
 
     def _assemble(self, sinks: torch.Tensor, store: TokenStore, recent: torch.Tensor, new: torch.Tensor
                   ) -> torch.Tensor:
-        parts = [p for p in (sinks, store.decode(new.dtype), recent, new) if p is not None and p.shape[2] > 0]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        """``[sinks, store decoded, recent, new]`` along the tokens, the store decoded straight into its slice."""
+        n = len(store)
+        if not n:
+            parts = [p for p in (sinks, recent, new) if p.shape[2] > 0] or [new]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        s, r = sinks.shape[2], recent.shape[2]
+        out = new.new_empty(new.shape[0], new.shape[1], s + n + r + new.shape[2], new.shape[3])
+        out[:, :, :s] = sinks
+        store.decode_into(out[:, :, s : s + n])
+        out[:, :, s + n : s + n + r] = recent
+        out[:, :, s + n + r :] = new
+        return out
 
     def set_left_padding(self, left_padding: torch.Tensor) -> None:
         """Declare the left padding of each row (``[B]`` counts) before the first ``update``.

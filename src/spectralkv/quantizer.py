@@ -432,14 +432,19 @@ class SpectralQuantizer:
         return rotated_from_centroids(centroids, self.num_heads, self.head_dim, scales, outliers)
 
     def decode(self, packed: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
-               outliers: Outliers | SlotOutliers | None = None, positions: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               outliers: Outliers | SlotOutliers | None = None, positions: torch.Tensor | None = None, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """Packed rows (and their outliers) -> ``[B, H, T, D]`` keys or values in ``dtype`` (``positions``: as
-        encoded, for a position-centred quantizer)."""
+        encoded, for a position-centred quantizer). ``out``: write them there instead (a view of the tensor attention
+        reads, so a decode step does not copy the whole store once more); returned."""
         _, _, dec, _ = self._on(packed.device)
         centre = self.centre(positions, packed.device, packed.shape[0], packed.shape[1])
-        z = self.decode_rotated(packed, scales, outliers)
-        return (torch.einsum("bhte,hed->bhtd", z, dec) + centre).to(dtype)
+        x = torch.einsum("bhte,hed->bhtd", self.decode_rotated(packed, scales, outliers), dec)
+        if out is None:
+            return (x + centre).to(dtype)
+        if out.dtype == x.dtype:
+            return torch.add(x, centre, out=out)
+        return out.copy_(x.add_(centre))
 
     def fake_quantize(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """What the cache returns for ``x`` after encode + decode, without the (lossless) packing step.
