@@ -4,6 +4,8 @@ Importing this package never imports Triton: the kernel modules do, and are impo
 
 * :mod:`.layout` (PyTorch): per-coordinate tables (bit width, byte, shift) and codebook tables of a quantizer.
 * :mod:`.ref` (PyTorch): the references, also the CPU path: ``encode_ref``, ``decode_attention_ref``.
+* :mod:`.cpu_attention` (PyTorch): the fused CPU path's decode attention, ``decode_attention_rows`` (the
+  reference's numbers without re-laying the cache out per head).
 * :mod:`.encode` (Triton): write path, ``spectral_encode`` (op ``spectralkv::encode_packed``).
 * :mod:`.decode_attention` (Triton): fused split-K decode attention from packed codes, ``decode_attention``
   (op ``spectralkv::decode_attention_packed``).

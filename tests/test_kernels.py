@@ -304,6 +304,46 @@ def test_reference_equals_sdpa_over_decode(g: int, d: int, mix_k: str, mix_v: st
     torch.testing.assert_close(decode_attention_ref(**case), sdpa_over_decoded(case), atol=1e-5, rtol=1e-5)
 
 
+ROWS_CASES = [  # (g, d, hkv, mix_k, mix_v, n, window, scales, masks, outliers, dtype)
+    (1, 64, 2, "3bit", "2bit", 40, 6, (True, True), "none", None, torch.float32),
+    (3, 64, 2, "all-widths", "2.5bit", 33, 5, (True, False), "ragged", (2.0, 8), torch.float32),
+    (4, 80, 2, "4bit", "all-widths", 24, 3, (False, True), "holes", None, torch.bfloat16),
+    (4, 128, 3, "all-widths", "3bit", 29, 3, (False, True), "row-empty", (2.5, None), torch.float32),
+    (8, 64, 1, "small", "small", 17, 0, (True, True), "none", (1.5, 3), torch.float32),
+    (4, 64, 2, "2bit", "2bit", 0, 4, (True, True), "none", None, torch.float32),
+]
+
+
+@pytest.mark.parametrize("g,d,hkv,mix_k,mix_v,n,window,scales,masks,outliers,dtype", ROWS_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_cpu_attention_on_grouped_rows_equals_reference(g: int, d: int, hkv: int, mix_k: str, mix_v: str, n: int,
+                                                        window: int, scales: tuple[bool, bool], masks: str,
+                                                        outliers: Any, dtype: torch.dtype) -> None:
+    """The PyTorch path's attention on the row decoder's grouped columns (block queries) gives the reference's
+    numbers, with and without scales, outliers, masks, full-precision tokens and compressed tokens."""
+    from spectralkv.kernels.cpu_attention import decode_attention_rows
+
+    d_small = 16 if mix_k == "small" else d
+    case = make_case(g, d_small, mix_k, mix_v, n, window, hkv=hkv, k_scale=scales[0], v_scale=scales[1],
+                     masks=masks, outliers=outliers, dtype=dtype, seed=g + n)
+    if window == 0:
+        case = {**case, "k_fp": None, "v_fp": None, "fp_mask": None}
+    got, expected = decode_attention_rows(**case), decode_attention_ref(**case)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-5 if dtype == torch.float32 else 1e-2,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_cpu_attention_with_positioned_keys_equals_reference() -> None:
+    from spectralkv.kernels.cpu_attention import decode_attention_rows
+
+    for first, share in (([4, 1000], False), ([9, 9], True)):
+        case = positioned_case(3, 64, "2.5bit", 37, 5, first, masks="ragged")
+        k = case["k"]
+        case["k"] = PackedSide(k.quantizer, k.codes, k.scales, k.outliers, k.positions, share)
+        torch.testing.assert_close(decode_attention_rows(**case), decode_attention_ref(**case), atol=2e-5, rtol=1e-5)
+
+
 OUTLIER_CASES = [  # (g, d, hkv, mix_k, mix_v, n, window, scales, masks, outliers); 3 x 128 coordinates: int16 index
     (3, 64, 2, "2bit", "2.5bit", 37, 5, (True, True), "ragged", (2.0, 8)),
     (4, 128, 3, "all-widths", "3bit", 29, 3, (False, True), "holes", (2.5, None)),

@@ -17,8 +17,8 @@ before the step's window flush), the full-precision sinks + recent window + new 
 function registered as ``"spectralkv_fused"`` (:func:`fused_attention_forward`) recognises the handles and calls
 
 * the Triton kernel (:func:`spectralkv.kernels.decode_attention.decode_attention`) on CUDA, or
-* the PyTorch reference (:func:`spectralkv.kernels.ref.decode_attention_ref`) on CPU, or on CUDA without a working
-  Triton (with a warning);
+* the PyTorch path (:func:`spectralkv.kernels.cpu_attention.decode_attention_rows`, the reference's numbers on the
+  row decoder's grouped columns) on CPU, or on CUDA without a working Triton (with a warning);
 
 anything else (prefill, multi-token steps, plain tensors) goes to transformers' SDPA function. The mask function
 registered under the same name is transformers' ``sdpa_mask``, so padded batches get the same boolean masks as with
@@ -26,7 +26,7 @@ SDPA. A handle that reaches any other attention function still works: any torch 
 it materialises the decoded tensor (slow, but correct).
 
 Backends (``backend=`` of the cache, default from the ``SPECTRALKV_BACKEND`` environment variable, else
-``"auto"``): ``"auto"`` (Triton on CUDA, reference elsewhere), ``"torch"`` (always the reference), ``"triton"``
+``"auto"``): ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` (always PyTorch), ``"triton"``
 (always Triton; on CPU only under ``TRITON_INTERPRET=1``, for tests). Nothing here imports Triton unless a Triton
 backend is actually used.
 """
@@ -134,13 +134,13 @@ class DecodeSnapshot:
 
     def attend(self, q: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention of ``q`` ``[B, Hq, D]`` over this snapshot -> ``[B, Hq, D]``."""
-        from .kernels.ref import decode_attention_ref
+        from .kernels.cpu_attention import decode_attention_rows
 
         comp_mask, fp_mask = self.split_mask(mask)
         args = (q, self.keys, self.values, self.k_fp, self.v_fp, comp_mask, fp_mask, scaling)
         if use_triton(self.backend, q.device):
             return _kernels()[0].decode_attention(*args)
-        return decode_attention_ref(*args)
+        return decode_attention_rows(*args)
 
     def materialize(self, side: str, dtype: torch.dtype) -> torch.Tensor:
         """The decoded ``[B, Hkv, total, D]`` keys (``side="k"``) or values, as the unfused cache returns them."""

@@ -5,7 +5,7 @@ about ten passes over every coordinate of the cache, and the PyTorch path decode
 step. Grouping a row's bytes by bit width turns most of that into one lookup per byte: a byte of a 1-, 2-, 4- or
 8-bit regime holds 8, 4, 2 or 1 whole codes, so a ``[256, 8 // bits]`` table gives their centroids at once. Widths
 whose codes straddle bytes (3, 5, 6, 7) are decoded ``bits`` bytes (8 codes) at a time from one integer word. One
-final gather puts the coordinates back in packing order (0-bit coordinates read a zero column).
+final gather puts the coordinates back in packing order (0-bit coordinates are zero columns).
 
 Exact: the same centroids as the per-coordinate path (:func:`spectralkv.kernels.ref.coordinate_centroids`, the way the
 kernels decode; the tests compare them bit for bit). On SmolLM2's shapes (3 KV heads, head_dim 64, 8 x 512 tokens) it
@@ -41,12 +41,21 @@ class WidthGroup:
 
 @dataclass(frozen=True)
 class RowDecoder:
-    """Decodes ``[B, T, row_bytes]`` packed rows of one quantizer into ``[B, T, H * D]`` centroids (packing order)."""
+    """Decodes ``[B, T, row_bytes]`` packed rows of one quantizer into ``[B, T, H * D]`` centroids.
+
+    :meth:`grouped` returns them in the decoder's own column order (width by width, head by head within a width,
+    then the 0-bit coordinates as zeros): ``source[j]`` is the coordinate (``h * D + e``, packing order) of column
+    ``j``, and ``order`` the inverse permutation. Calling the decoder gathers them into packing order; the fused CPU
+    attention (:mod:`spectralkv.kernels.cpu_attention`) works on the grouped columns directly and spares that gather.
+    """
 
     groups: tuple[WidthGroup, ...]
-    order: torch.Tensor  # [H * D] int64: column of each coordinate in the concatenated group outputs
+    zero_columns: int  # 0-bit coordinates (the last columns of the grouped layout)
+    source: torch.Tensor  # [H * D] int64: coordinate of each grouped column
+    order: torch.Tensor  # [H * D] int64: grouped column of each coordinate
 
-    def __call__(self, packed: torch.Tensor) -> torch.Tensor:
+    def grouped(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[B, T, row_bytes]`` -> ``[B, T, H * D]`` float32 centroids in grouped column order (a fresh tensor)."""
         b, t, _ = packed.shape
         parts = []
         for g in self.groups:
@@ -58,8 +67,14 @@ class RowDecoder:
             words = (sel.view(b, t, count // 8, g.bits).long() << g.byte_shifts).sum(-1)
             codes = (words.unsqueeze(-1) >> g.code_shifts) & ((1 << g.bits) - 1)
             parts.append(g.table[codes].view(b, t, count))
-        parts.append(packed.new_zeros(b, t, 1, dtype=torch.float32))  # what 0-bit coordinates read
-        return torch.gather(torch.cat(parts, -1), -1, self.order.expand(b, t, -1))
+        if self.zero_columns or not parts:
+            parts.append(packed.new_zeros(b, t, self.zero_columns, dtype=torch.float32))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def __call__(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[B, T, row_bytes]`` -> ``[B, T, H * D]`` float32 centroids in packing order (a fresh tensor)."""
+        z = self.grouped(packed)
+        return torch.gather(z, -1, self.order.expand(*z.shape[:2], -1))
 
 
 def build_row_decoder(q: SpectralQuantizer, device: torch.device | str = "cpu") -> RowDecoder:
@@ -82,7 +97,11 @@ def build_row_decoder(q: SpectralQuantizer, device: torch.device | str = "cpu") 
             table = centroids
         groups.append(WidthGroup(bits, columns.to(device), table.contiguous().to(device),
                                  (torch.arange(bits) * 8).to(device), (torch.arange(8) * bits).to(device)))
-    coded = torch.cat(coordinates) if coordinates else torch.zeros(0, dtype=torch.long)
-    order = torch.full((q.num_heads * q.head_dim,), coded.numel(), dtype=torch.long)  # default: the zero column
-    order[coded] = torch.arange(coded.numel())
-    return RowDecoder(tuple(groups), order.to(device))
+    hd = q.num_heads * q.head_dim
+    coded = torch.zeros(hd, dtype=torch.bool)
+    for c in coordinates:
+        coded[c] = True
+    source = torch.cat([*coordinates, (~coded).nonzero().flatten()])
+    order = torch.empty(hd, dtype=torch.long)
+    order[source] = torch.arange(hd)
+    return RowDecoder(tuple(groups), int((~coded).sum()), source.to(device), order.to(device))
