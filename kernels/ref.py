@@ -82,8 +82,8 @@ def encode_ref(quantizer: SpectralQuantizer, x: torch.Tensor) -> tuple[torch.Ten
 
 def coordinate_centroids(tables: SpectralTables, codes: torch.Tensor) -> torch.Tensor:
     """Packed rows ``[B, N, row_bytes]`` -> centroids ``[B, N, H, D]`` the way the kernels decode them: one byte gather
-    per coordinate through the layout tables, all heads and regimes at once. The check on ``tables.rows`` (the byte
-    lookups the PyTorch path uses) and on :func:`spectralkv.packing.unpack`."""
+    per coordinate through the layout tables, all heads and regimes at once. The tests hold ``tables.rows`` (the byte
+    lookups the PyTorch path uses) and :func:`spectralkv.packing.unpack` to it."""
     h, d = tables.num_heads, tables.head_dim
     if codes.shape[-1] == 0:  # every coordinate at 0 bits
         return codes.new_zeros(codes.shape[0], codes.shape[1], h, d, dtype=torch.float32)
