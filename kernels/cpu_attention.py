@@ -18,8 +18,8 @@ import torch
 
 from spectralkv.quantizer import SlotOutliers
 
-from .layout import SpectralTables, tables_for
-from .ref import PackedSide, _check, position_scores
+from .layout import SpectralTables
+from .ref import PackedSide, attend_rotated
 
 
 def _grouped(tables: SpectralTables, side: PackedSide) -> torch.Tensor:
@@ -45,6 +45,25 @@ def _block_queries(tables: SpectralTables, q_rot: torch.Tensor) -> torch.Tensor:
     return (per_coordinate.unsqueeze(2) * own_head[None, :, :, None]).reshape(b, h * d, h * g)
 
 
+def _rotated_scores(tk: SpectralTables, k: PackedSide, q_rot: torch.Tensor) -> torch.Tensor:
+    """``q_rot . z_hat`` ``[B, Hkv, G, N]``: one product with the block queries, then the scales."""
+    b, h, g, _ = q_rot.shape
+    sc = torch.bmm(_grouped(tk, k), _block_queries(tk, q_rot)).view(b, k.length, h, g)
+    if k.scales is not None:
+        sc = sc * k.scales.float().unsqueeze(-1)
+    return sc.permute(0, 2, 3, 1)
+
+
+def _rotated_mix(tv: SpectralTables, v: PackedSide, p: torch.Tensor) -> torch.Tensor:
+    """``sum_t p_t z_hat_t`` ``[B, Hkv, G, D]``: the scales on the probabilities, one product with the grouped rows,
+    then each head's own columns."""
+    b, h, g, n = p.shape
+    d = tv.head_dim
+    weights = p if v.scales is None else p * v.scales.float().transpose(1, 2).unsqueeze(2)
+    mixed = torch.bmm(weights.reshape(b, h * g, n), _grouped(tv, v)).view(b, h, g, h * d)
+    return torch.gather(mixed, 3, tv.rows.order.view(h, d)[None, :, None, :].expand(b, h, g, d))
+
+
 def decode_attention_rows(
     q: torch.Tensor,
     k: PackedSide,
@@ -57,42 +76,4 @@ def decode_attention_rows(
 ) -> torch.Tensor:
     """Same arguments and result as :func:`.ref.decode_attention_ref` (without ``comp_lengths``/``tables``, which
     only the static cache's compiled steps use)."""
-    b, hq, hkv, d = _check(q, k, v, k_fp, v_fp)
-    g = hq // hkv
-    scaling = d**-0.5 if scaling is None else float(scaling)
-    qf = q.float().view(b, hkv, g, d)
-    n = k.length
-    scores = []
-    if n:
-        tk, tv = tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device)
-        q_rot = torch.einsum("bhgd,hed->bhge", qf, tk.decoder)
-        sc = torch.bmm(_grouped(tk, k), _block_queries(tk, q_rot)).view(b, n, hkv, g)
-        if k.scales is not None:
-            sc = sc * k.scales.float().unsqueeze(-1)
-        sc = sc.permute(0, 2, 3, 1) + torch.einsum("bhgd,hd->bhg", qf, tk.mean)[..., None]
-        pos_sc = position_scores(qf, k)
-        if pos_sc is not None:
-            sc = sc + pos_sc
-        sc = sc * scaling
-        if comp_mask is not None:
-            sc = sc.masked_fill(~comp_mask[:, None, None, :].bool(), float("-inf"))
-        scores.append(sc)
-    if k_fp is not None and k_fp.shape[2]:
-        sw = torch.einsum("bhgd,bhwd->bhgw", qf, k_fp.float()) * scaling
-        if fp_mask is not None:
-            sw = sw.masked_fill(~fp_mask[:, None, None, :].bool(), float("-inf"))
-        scores.append(sw)
-    if not scores:
-        raise ValueError("no tokens to attend to.")
-    p = torch.softmax(torch.cat(scores, -1), dim=-1)
-    out = torch.zeros(b, hkv, g, d, dtype=torch.float32, device=q.device)
-    if n:
-        pc = p[..., :n]
-        weights = pc if v.scales is None else pc * v.scales.float().transpose(1, 2).unsqueeze(2)
-        mixed = torch.bmm(weights.reshape(b, hkv * g, n), _grouped(tv, v)).view(b, hkv, g, hkv * d)
-        own = tv.rows.order.view(hkv, d)[None, :, None, :].expand(b, hkv, g, d)  # each head's own columns
-        out += torch.einsum("bhge,hed->bhgd", torch.gather(mixed, 3, own), tv.decoder)
-        out += pc.sum(-1, keepdim=True) * tv.mean[None, :, None, :]
-    if p.shape[-1] > n:
-        out += torch.einsum("bhgw,bhwd->bhgd", p[..., n:], v_fp.float())
-    return out.reshape(b, hq, d).to(q.dtype)
+    return attend_rotated(q, k, v, k_fp, v_fp, comp_mask, fp_mask, scaling, None, _rotated_scores, _rotated_mix)

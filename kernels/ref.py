@@ -21,6 +21,7 @@ rounding, to SDPA over ``SpectralQuantizer.decode`` output concatenated with tho
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,34 @@ def decode_attention_ref(
 
     Returns ``[B, Hq, D]`` in ``q.dtype``.
     """
+    if comp_lengths is not None and k.length:
+        in_use = torch.arange(k.length, device=q.device) < comp_lengths.to(q.device).reshape(-1, 1)
+        comp_mask = in_use if comp_mask is None else in_use & comp_mask.bool()
+    return attend_rotated(q, k, v, k_fp, v_fp, comp_mask, fp_mask, scaling, tables, _rotated_scores, _rotated_mix)
+
+
+def _rotated_scores(tk: SpectralTables, k: PackedSide, q_rot: torch.Tensor) -> torch.Tensor:
+    """``q_rot . z_hat`` ``[B, Hkv, G, N]`` of the compressed keys (scales included)."""
+    return torch.einsum("bhge,bhne->bhgn", q_rot, decode_rotated_ref(tk, k.codes, k.scales, k.outliers))
+
+
+def _rotated_mix(tv: SpectralTables, v: PackedSide, p: torch.Tensor) -> torch.Tensor:
+    """``sum_t p_t z_hat_t`` ``[B, Hkv, G, D]`` of the compressed values, in their rotated basis."""
+    return torch.einsum("bhgn,bhne->bhge", p, decode_rotated_ref(tv, v.codes, v.scales, v.outliers))
+
+
+RotatedScores = Callable[[SpectralTables, PackedSide, torch.Tensor], torch.Tensor]
+RotatedMix = Callable[[SpectralTables, PackedSide, torch.Tensor], torch.Tensor]
+
+
+def attend_rotated(q: torch.Tensor, k: PackedSide, v: PackedSide, k_fp: torch.Tensor | None,
+                   v_fp: torch.Tensor | None, comp_mask: torch.Tensor | None, fp_mask: torch.Tensor | None,
+                   scaling: float | None, tables: tuple[SpectralTables, SpectralTables] | None,
+                   rotated_scores: RotatedScores, rotated_mix: RotatedMix) -> torch.Tensor:
+    """The decode step of the module docstring, around two pluggable parts: ``rotated_scores(tk, k, q_rot)`` (the
+    compressed keys' ``q_rot . z_hat``, ``[B, Hkv, G, N]``) and ``rotated_mix(tv, v, p)`` (the compressed values'
+    ``sum_t p_t z_hat_t`` in the rotated basis, ``[B, Hkv, G, D]``). The reference decodes the cache per head;
+    :mod:`.cpu_attention` works on the row decoder's grouped columns."""
     b, hq, hkv, d = _check(q, k, v, k_fp, v_fp)
     g = hq // hkv
     scaling = d**-0.5 if scaling is None else float(scaling)
@@ -165,15 +194,11 @@ def decode_attention_ref(
             tables = (tables_for(k.quantizer, q.device), tables_for(v.quantizer, q.device))
         tk, tv = tables
         q_rot = torch.einsum("bhgd,hed->bhge", qf, tk.decoder)
-        zk = decode_rotated_ref(tk, k.codes, k.scales, k.outliers)  # [B, Hkv, N, D]
-        sc = torch.einsum("bhge,bhne->bhgn", q_rot, zk) + torch.einsum("bhgd,hd->bhg", qf, tk.mean)[..., None]
+        sc = rotated_scores(tk, k, q_rot) + torch.einsum("bhgd,hd->bhg", qf, tk.mean)[..., None]
         pos_sc = position_scores(qf, k)
         if pos_sc is not None:
             sc = sc + pos_sc
         sc = sc * scaling
-        if comp_lengths is not None:
-            in_use = torch.arange(n, device=q.device) < comp_lengths.to(q.device).reshape(b, 1)
-            comp_mask = in_use if comp_mask is None else in_use & comp_mask.bool()
         if comp_mask is not None:
             sc = sc.masked_fill(~comp_mask[:, None, None, :].bool(), float("-inf"))
         scores.append(sc)
@@ -188,8 +213,7 @@ def decode_attention_ref(
     out = torch.zeros(b, hkv, g, d, dtype=torch.float32, device=q.device)
     if n:
         pc = p[..., :n]
-        zv = decode_rotated_ref(tv, v.codes, v.scales, v.outliers)
-        out += torch.einsum("bhge,hed->bhgd", torch.einsum("bhgn,bhne->bhge", pc, zv), tv.decoder)
+        out += torch.einsum("bhge,hed->bhgd", rotated_mix(tv, v, pc), tv.decoder)
         out += pc.sum(-1, keepdim=True) * tv.mean[None, :, None, :]
     if p.shape[-1] > n:
         out += torch.einsum("bhgw,bhwd->bhgd", p[..., n:], v_fp.float())
