@@ -77,19 +77,23 @@ def compile_all(arch: int = 90, head_dims: tuple[int, ...] = (64, 128), group: i
         block_d = max(16, 1 << (d - 1).bit_length())
         outlier_types = {f"{side}o_{n}_ptr": t for side in "kv"
                          for n, t in (("cnt", "*u8"), ("st", "*i32"), ("idx", "*i16"), ("val", "*fp16"))}
-        variants = [(u, "table", False, False, False) for u in da.UNPACK_MODES] + [
-            ("gather", "select", False, False, False), ("gather", "table", True, False, False),
-            ("gather", "table", False, True, False), ("gather", "table", True, False, True)]
-        for unpack, lookup, outliers, lengths, positions in variants:
+        variants = [(u, "table", False, False, False, False) for u in da.UNPACK_MODES] + [
+            ("gather", "select", False, False, False, False), ("gather", "table", True, False, False, False),
+            ("gather", "table", False, True, False, False), ("gather", "table", True, False, True, False),
+            ("gather", "table", True, False, True, True)]
+        for unpack, lookup, outliers, lengths, positions, log8 in variants:
             label = (f"stage1 d={d} {unpack} {lookup}{' outliers' if outliers else ''}{' lengths' if lengths else ''}"
-                     f"{' positions' if positions else ''}")
+                     f"{' positions' if positions else ''}{' log8' if log8 else ''}")
+            scale_type = "*u8" if log8 else "*fp16"
             run(label, da._stage1_kernel,
-                {"qx_ptr": "*fp32", "q_ptr": f"*{dtype}", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*fp16",
-                 "vs_ptr": "*fp16", "k_tab_ptr": "*fp32", "v_tab_ptr": "*fp32", "cm_ptr": "*u8", "fm_ptr": "*u8",
+                {"qx_ptr": "*fp32", "q_ptr": f"*{dtype}", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": scale_type,
+                 "vs_ptr": scale_type, "ksl_ptr": "*fp32", "vsl_ptr": "*fp32", "k_tab_ptr": "*fp32",
+                 "v_tab_ptr": "*fp32", "cm_ptr": "*u8", "fm_ptr": "*u8",
                  "kf_ptr": f"*{dtype}", "vf_ptr": f"*{dtype}", "acc_ptr": "*fp32", "m_ptr": "*fp32",
                  "l_ptr": "*fp32", "qk_scale": "fp32", "qp_ptr": "*fp32", "kp_ptr": "*i64",
                  "freq_ptr": "*fp64"} | outlier_types,
-                dict(G=group, HEAD_DIM=d, K_POS=positions, K_SCALE=True, V_SCALE=True, K_OUT=outliers, V_OUT=outliers,
+                dict(G=group, HEAD_DIM=d, K_POS=positions, K_SCALE=True, V_SCALE=True, K_SCALE_LOG8=log8,
+                     V_SCALE_LOG8=log8, K_OUT=outliers, V_OUT=outliers,
                      HAS_COMP_MASK=True, HAS_FP_MASK=True, HAS_LENGTHS=lengths, UNPACK=unpack, LOOKUP=lookup,
                      TABLE_STRIDE=256, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_F=max(16, block_d // 2), BLOCK_T=32,
                      BLOCK_HB_K=block_d // 2, BLOCK_HB_V=block_d // 2))
@@ -97,11 +101,12 @@ def compile_all(arch: int = 90, head_dims: tuple[int, ...] = (64, 128), group: i
             {n: "*fp32" for n in ("acc_ptr", "m_ptr", "l_ptr", "qx_ptr", "dec_ptr", "vmean_ptr")}
             | {"out_ptr": f"*{dtype}", "qk_scale": "fp32"},
             dict(G=group, HEAD_DIM=d, HAS_WINDOW=True, BLOCK_G=block_g, BLOCK_D=block_d))
-        run(f"encode d={d}", en._encode_kernel,
-            {"x_ptr": f"*{dtype}", "mean_ptr": "*fp32", "enc_ptr": "*fp32", "bnd_ptr": "*fp32", "out_ptr": "*u8",
-             "scale_ptr": "*fp16", "z_ptr": "*fp32"},
-            dict(HEAD_DIM=d, ROTATE=True, SCALE_MODE=en.SCALE_COMPUTE, WRITE_Z=True, SCALE_MIN=1e-6, TABLE_STRIDE=256,
-                 BLOCK_T=16, BLOCK_D=block_d, BLOCK_HB=block_d // 2))
+        for log8 in (False, True):
+            run(f"encode d={d}{' log8' if log8 else ''}", en._encode_kernel,
+                {"x_ptr": f"*{dtype}", "mean_ptr": "*fp32", "enc_ptr": "*fp32", "bnd_ptr": "*fp32", "out_ptr": "*u8",
+                 "scale_ptr": "*u8" if log8 else "*fp16", "stab_ptr": "*fp32", "z_ptr": "*fp32"},
+                dict(HEAD_DIM=d, ROTATE=True, SCALE_MODE=en.SCALE_COMPUTE, SCALE_LOG8=log8, WRITE_Z=True,
+                     SCALE_MIN=1e-6, TABLE_STRIDE=256, BLOCK_T=16, BLOCK_D=block_d, BLOCK_HB=block_d // 2))
     return results
 
 

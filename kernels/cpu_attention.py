@@ -50,7 +50,7 @@ def _rotated_scores(tk: SpectralTables, k: PackedSide, q_rot: torch.Tensor) -> t
     b, h, g, _ = q_rot.shape
     sc = torch.bmm(_grouped(tk, k), _block_queries(tk, q_rot)).view(b, k.length, h, g)
     if k.scales is not None:
-        sc = sc * k.scales.float().unsqueeze(-1)
+        sc = sc * tk.scale_values(k.scales).unsqueeze(-1)
     return sc.permute(0, 2, 3, 1)
 
 
@@ -59,7 +59,7 @@ def _rotated_mix(tv: SpectralTables, v: PackedSide, p: torch.Tensor) -> torch.Te
     then each head's own columns."""
     b, h, g, n = p.shape
     d = tv.head_dim
-    weights = p if v.scales is None else p * v.scales.float().transpose(1, 2).unsqueeze(2)
+    weights = p if v.scales is None else p * tv.scale_values(v.scales).transpose(1, 2).unsqueeze(2)
     mixed = torch.bmm(weights.reshape(b, h * g, n), _grouped(tv, v)).view(b, h, g, h * d)
     return torch.gather(mixed, 3, tv.rows.order.view(h, d)[None, :, None, :].expand(b, h, g, d))
 

@@ -131,9 +131,10 @@ def _stage1_kernel(
     qx_ptr,  # [B, Hkv, G, D + 1] float32: [q @ Dec_k^T, q . mu_k] (rotated query and mean term, unscaled)
     q_ptr, sq_b, sq_h, sq_d,  # the query [B, Hq, D] in its own dtype (for the full-precision split)
     kc_ptr, skc_b, skc_t,  # key codes [B, N, row_bytes_k] uint8 (last stride 1)
-    ks_ptr, sks_b, sks_t, sks_h,  # key scales [B, N, Hkv] fp16
+    ks_ptr, sks_b, sks_t, sks_h,  # key scales [B, N, Hkv] fp16, or uint8 levels of a log8 scale
     vc_ptr, svc_b, svc_t,
     vs_ptr, svs_b, svs_t, svs_h,
+    ksl_ptr, vsl_ptr,  # [256] float32 log8 scale levels of keys / values, read when K_SCALE_LOG8 / V_SCALE_LOG8
     ko_cnt_ptr, sko_b, sko_t, ko_st_ptr, skst_b, skst_t, ko_idx_ptr, ko_val_ptr,  # key outliers, read when K_OUT
     vo_cnt_ptr, svo_b, svo_t, vo_st_ptr, svst_b, svst_t, vo_idx_ptr, vo_val_ptr,
     k_nb_ptr, k_bi_ptr, k_sh_ptr, k_hoff_ptr, k_hb_ptr, k_tab_ptr,  # key tables ([Hkv, D] x3, [Hkv] x2, [9, 256])
@@ -153,6 +154,8 @@ def _stage1_kernel(
     K_POS: tl.constexpr,
     K_SCALE: tl.constexpr,
     V_SCALE: tl.constexpr,
+    K_SCALE_LOG8: tl.constexpr,
+    V_SCALE_LOG8: tl.constexpr,
     K_OUT: tl.constexpr,
     V_OUT: tl.constexpr,
     HAS_COMP_MASK: tl.constexpr,
@@ -232,7 +235,9 @@ def _stage1_kernel(
                                     h * HEAD_DIM, HEAD_DIM)
             sc = tl.dot(q, tl.trans(ck), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
             if K_SCALE:
-                sk = tl.load(ks_ptr + b * sks_b + offs_t64 * sks_t + h * sks_h, mask=tmask, other=0.0)
+                sk = tl.load(ks_ptr + b * sks_b + offs_t64 * sks_t + h * sks_h, mask=tmask, other=0)
+                if K_SCALE_LOG8:
+                    sk = tl.load(ksl_ptr + sk.to(tl.int32))
                 sc = sc * sk.to(tl.float32)[None, :]
             if K_POS:  # cos(a + r) = cos a cos r - sin a sin r, sin(a + r) = sin a cos r + cos a sin r
                 base = (first_pos + t0).to(tl.float64) * freq  # [BLOCK_F], the tile's first position
@@ -254,7 +259,9 @@ def _stage1_kernel(
                                     vo_st_ptr, b * svst_b + offs_t64 * svst_t, vo_idx_ptr, vo_val_ptr,
                                     h * HEAD_DIM, HEAD_DIM)
             if V_SCALE:
-                sv = tl.load(vs_ptr + b * svs_b + offs_t64 * svs_t + h * svs_h, mask=tmask, other=0.0)
+                sv = tl.load(vs_ptr + b * svs_b + offs_t64 * svs_t + h * svs_h, mask=tmask, other=0)
+                if V_SCALE_LOG8:
+                    sv = tl.load(vsl_ptr + sv.to(tl.int32))
                 p = p * sv.to(tl.float32)[None, :]
             acc = acc * alpha[:, None] + tl.dot(p, cv, input_precision="ieee")
             m_i = m_new
@@ -412,6 +419,7 @@ def _decode_attention_launch(
     q: torch.Tensor,
     k_codes: torch.Tensor,
     k_scales: torch.Tensor | None,
+    k_scale_levels: torch.Tensor | None,
     k_nbits: torch.Tensor,
     k_byte_index: torch.Tensor,
     k_shift: torch.Tensor,
@@ -426,6 +434,7 @@ def _decode_attention_launch(
     k_out_values: torch.Tensor | None,
     v_codes: torch.Tensor,
     v_scales: torch.Tensor | None,
+    v_scale_levels: torch.Tensor | None,
     v_nbits: torch.Tensor,
     v_byte_index: torch.Tensor,
     v_shift: torch.Tensor,
@@ -484,6 +493,8 @@ def _decode_attention_launch(
     l = torch.empty_like(m)
     ks = k_scales if k_scales is not None else k_codes
     vs = v_scales if v_scales is not None else v_codes
+    k_log8 = k_scales is not None and k_scale_levels is not None
+    v_log8 = v_scales is not None and v_scale_levels is not None
     cm = comp_mask.view(torch.uint8) if comp_mask is not None and comp_mask.dtype == torch.bool else comp_mask
     fm = fp_mask.view(torch.uint8) if fp_mask is not None and fp_mask.dtype == torch.bool else fp_mask
     kf = k_fp if has_window else q
@@ -500,6 +511,7 @@ def _decode_attention_launch(
             ks, *_strides(k_scales, 3),
             v_codes, v_codes.stride(0), v_codes.stride(1),
             vs, *_strides(v_scales, 3),
+            k_scale_levels if k_log8 else qx, v_scale_levels if v_log8 else qx,
             *_outlier_args(k_out_counts, k_out_starts, k_out_index, k_out_values, k_codes),
             *_outlier_args(v_out_counts, v_out_starts, v_out_index, v_out_values, v_codes),
             k_nbits, k_byte_index, k_shift, k_head_offset, k_head_bytes, k_centroids,
@@ -517,6 +529,8 @@ def _decode_attention_launch(
             K_POS=k_pos,
             K_SCALE=k_scales is not None,
             V_SCALE=v_scales is not None,
+            K_SCALE_LOG8=k_log8,
+            V_SCALE_LOG8=v_log8,
             K_OUT=k_out_counts is not None,
             V_OUT=v_out_counts is not None,
             HAS_COMP_MASK=cm is not None,
@@ -600,10 +614,10 @@ def decode_attention_launch(
     pos_args = (k_positions, kt.position_mean, kt.frequencies) if k_positions is not None else (None, None, None)
     return _decode_attention_op(
         q,
-        k_codes, k_scales, kt.nbits, kt.byte_index, kt.shift, kt.head_offset, kt.head_bytes, kt.centroids,
-        kt.decoder_mean, kt.max_head_bytes, *_side_outliers(k_outliers),
-        v_codes, v_scales, vt.nbits, vt.byte_index, vt.shift, vt.head_offset, vt.head_bytes, vt.centroids,
-        vt.decoder, vt.mean, vt.max_head_bytes, *_side_outliers(v_outliers), *pos_args,
+        k_codes, k_scales, kt.scale_levels, kt.nbits, kt.byte_index, kt.shift, kt.head_offset, kt.head_bytes,
+        kt.centroids, kt.decoder_mean, kt.max_head_bytes, *_side_outliers(k_outliers),
+        v_codes, v_scales, vt.scale_levels, vt.nbits, vt.byte_index, vt.shift, vt.head_offset, vt.head_bytes,
+        vt.centroids, vt.decoder, vt.mean, vt.max_head_bytes, *_side_outliers(v_outliers), *pos_args,
         k_fp, v_fp, comp_mask, comp_lengths, fp_mask, float(scaling), max(1, int(num_splits)), int(block_t), unpack,
         lookup, int(num_warps),
     )

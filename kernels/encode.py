@@ -3,8 +3,9 @@
 Bit-exact with :meth:`spectralkv.quantizer.SpectralQuantizer.encode` given the same rotated coordinates: the
 kernel compares with the same fp32 boundaries (``count(boundary < z)``, what ``torch.bucketize`` returns), divides
 and takes square roots with IEEE rounding (``div_rn``, ``sqrt_rn``) and rounds the scale to fp16 like the
-reference. The rotation itself is an fp32 matrix product whose summation order differs from ``torch.einsum``, so a
-coordinate within about one ulp of a boundary can land in the neighbouring cell (measured in
+reference, or, for a ``log8`` scale, counts the same fp32 level boundaries below the mean square
+(:mod:`spectralkv.scales`). The rotation itself is an fp32 matrix product whose summation order differs from
+``torch.einsum``, so a coordinate within about one ulp of a boundary can land in the neighbouring cell (measured in
 ``tests/test_kernels.py``: a handful per million coordinates).
 
 Layout: one program per (tile of ``BLOCK_T`` tokens, batch row, KV head). The head's bytes are assembled from the
@@ -23,7 +24,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from spectralkv.quantizer import SCALE_FLOOR, Outliers, SlotOutliers, SpectralQuantizer
+from spectralkv.quantizer import Outliers, SlotOutliers, SpectralQuantizer
+from spectralkv.scales import SCALE_FLOOR
 
 from .layout import TABLE_COLS, SpectralTables, tables_for
 from .tracing import register_op, skip_launch
@@ -39,12 +41,14 @@ def _encode_kernel(
     bnd_ptr,  # [9, 256] float32 boundaries
     head_off_ptr, head_bytes_ptr,  # [H] int32
     out_ptr, so_b, so_t,  # packed rows [B, T, row_bytes] uint8 (last stride 1)
-    scale_ptr, ss_b, ss_t, ss_h,  # scales [B, T, H] fp16: written (SCALE_COMPUTE) or read (SCALE_GIVEN)
+    scale_ptr, ss_b, ss_t, ss_h,  # scales [B, T, H] fp16 / uint8: written (SCALE_COMPUTE) or read (SCALE_GIVEN)
+    stab_ptr,  # [2, 256] float32 log8 scale tables (mean-square boundaries, +inf padded; levels), read when SCALE_LOG8
     z_ptr, sz_b, sz_h, sz_t,  # [B, H, T, D] float32: the coordinates the codes were made from, when WRITE_Z
     T,
     HEAD_DIM: tl.constexpr,
     ROTATE: tl.constexpr,
     SCALE_MODE: tl.constexpr,
+    SCALE_LOG8: tl.constexpr,
     WRITE_Z: tl.constexpr,
     SCALE_MIN: tl.constexpr,
     TABLE_STRIDE: tl.constexpr,
@@ -78,11 +82,23 @@ def _encode_kernel(
     s_ptrs = scale_ptr + b * ss_b + offs_t * ss_t + h * ss_h
     if SCALE_MODE == 1:
         ms = tl.sum(z * z, axis=1) * (1.0 / HEAD_DIM)
-        s16 = tl.maximum(tl.sqrt_rn(ms), SCALE_MIN).to(tl.float16)
-        tl.store(s_ptrs, s16, mask=tmask)
-        z = tl.math.div_rn(z, s16.to(tl.float32)[:, None])
+        if SCALE_LOG8:  # level = number of boundaries < ms, by binary lifting over the 255 sorted boundaries
+            level = tl.zeros([BLOCK_T], dtype=tl.int32)
+            for k in tl.static_range(8):
+                bnd = tl.load(stab_ptr + level + ((128 >> k) - 1))
+                level = tl.where(bnd < ms, level + (128 >> k), level)
+            tl.store(s_ptrs, level.to(tl.uint8), mask=tmask)
+            z = tl.math.div_rn(z, tl.load(stab_ptr + 256 + level)[:, None])
+        else:
+            s16 = tl.maximum(tl.sqrt_rn(ms), SCALE_MIN).to(tl.float16)
+            tl.store(s_ptrs, s16, mask=tmask)
+            z = tl.math.div_rn(z, s16.to(tl.float32)[:, None])
     elif SCALE_MODE == 2:
-        s = tl.load(s_ptrs, mask=tmask, other=1.0).to(tl.float32)
+        if SCALE_LOG8:
+            level = tl.load(s_ptrs, mask=tmask, other=0).to(tl.int32)
+            s = tl.load(stab_ptr + 256 + level)
+        else:
+            s = tl.load(s_ptrs, mask=tmask, other=1.0).to(tl.float32)
         z = tl.math.div_rn(z, s[:, None])
 
     if WRITE_Z:  # for the exact outliers, found on the host from the same coordinates the codes come from
@@ -138,23 +154,27 @@ def _encode_launch(
     token_scale: bool,
     rotate: bool,
     scales: torch.Tensor | None,
+    scale_tables: torch.Tensor | None,
     block_t: int,
     write_z: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Owns shapes, strides and grid (flat tensor arguments so it can be a ``torch.library`` op). Returns the
     packed rows, the computed scales (an empty tensor when none were computed: an op may not return an input) and
-    the coordinates ``[B, H, T, D]`` the codes were made from (empty unless ``write_z``)."""
+    the coordinates ``[B, H, T, D]`` the codes were made from (empty unless ``write_z``). ``scale_tables``: a log8
+    scale's ``[2, 256]`` tables (None: fp16 scales)."""
     b, h, t, d = x.shape
     out = torch.empty(b, t, row_bytes, dtype=torch.uint8, device=x.device)
     z = torch.empty(b, h, t, d, dtype=torch.float32, device=x.device) if write_z else torch.empty(
         0, dtype=torch.float32, device=x.device)
+    log8 = scale_tables is not None
+    sdtype = torch.uint8 if log8 else torch.float16
     if not token_scale:
-        mode, s = SCALE_NONE, torch.empty(0, dtype=torch.float16, device=x.device)
+        mode, s = SCALE_NONE, torch.empty(0, dtype=sdtype, device=x.device)
     elif scales is None:
-        mode, s = SCALE_COMPUTE, torch.empty(b, t, h, dtype=torch.float16, device=x.device)
+        mode, s = SCALE_COMPUTE, torch.empty(b, t, h, dtype=sdtype, device=x.device)
     else:
         mode, s = SCALE_GIVEN, scales
-    s_out = s if mode == SCALE_COMPUTE else torch.empty(0, dtype=torch.float16, device=x.device)
+    s_out = s if mode == SCALE_COMPUTE else torch.empty(0, dtype=sdtype, device=x.device)
     if b * t == 0 or (row_bytes == 0 and not write_z and mode != SCALE_COMPUTE) or skip_launch(_encode_kernel, x):
         return out, s_out, z
     strides = (s.stride(0), s.stride(1), s.stride(2)) if mode != SCALE_NONE else (0, 0, 0)
@@ -165,11 +185,13 @@ def _encode_launch(
         head_offset, head_bytes,
         out, out.stride(0), out.stride(1),
         s if mode != SCALE_NONE else out, *strides,
+        scale_tables if log8 else mean,
         z if write_z else out, *(z.stride()[:3] if write_z else (0, 0, 0)),
         t,
         HEAD_DIM=d,
         ROTATE=rotate,
         SCALE_MODE=mode,
+        SCALE_LOG8=log8 and mode != SCALE_NONE,
         WRITE_Z=write_z,
         SCALE_MIN=SCALE_FLOOR,
         TABLE_STRIDE=TABLE_COLS,
@@ -195,8 +217,9 @@ def encode_launch(
     """Run the write kernel on ``x`` ``[B, H, T, D]``: returns (packed ``[B, T, row_bytes]``, scales or None).
 
     ``rotate=False`` takes ``x`` as already rotated standardised coordinates (packing order); ``scales``
-    ``[B, T, H]`` fp16, when given, are used instead of being computed (only with ``token_scale``). Both exist so a
-    test can check the bucketize-and-pack stage bit for bit on identical inputs.
+    ``[B, T, H]`` as stored (fp16, or uint8 levels of a log8 scale), when given, are used instead of being computed
+    (only with ``token_scale``). Both exist so a test can check the bucketize-and-pack stage bit for bit on identical
+    inputs.
     """
     b, h, t, d = x.shape
     if (h, d) != (tables.num_heads, tables.head_dim):
@@ -208,7 +231,7 @@ def encode_launch(
     packed, s, _ = _encode_op(
         x, tables.mean, tables.encoder, tables.nbits, tables.byte_index, tables.shift, tables.boundaries,
         tables.head_offset, tables.head_bytes, tables.row_bytes, tables.max_head_bytes, tables.token_scale,
-        rotate, scales, block_t, False,
+        rotate, scales, tables.scale_tables, block_t, False,
     )
     if not tables.token_scale:
         return packed, None
@@ -237,7 +260,7 @@ def spectral_encode_with_outliers(quantizer: SpectralQuantizer, x: torch.Tensor,
     packed, s, z = _encode_op(
         x, tables.mean, tables.encoder, tables.nbits, tables.byte_index, tables.shift, tables.boundaries,
         tables.head_offset, tables.head_bytes, tables.row_bytes, tables.max_head_bytes, tables.token_scale,
-        True, None, block_t, True,
+        True, None, tables.scale_tables, block_t, True,
     )
     found = quantizer.find_outliers(z) if slots is None else quantizer.find_slot_outliers(z, slots)
     return packed, (s if tables.token_scale else None), found

@@ -59,6 +59,19 @@ class SpectralTables:
     rows: RowDecoder  # the PyTorch path's byte-lookup decoder of packed rows
     position_mean: torch.Tensor | None = None  # [H, D] float32 pre-RoPE mean m (position-centred keys only)
     frequencies: torch.Tensor | None = None  # [D] float32 RoPE frequencies (with position_mean)
+    scale_tables: torch.Tensor | None = None  # [2, 256] float32 log8 scale boundaries and levels (None: fp16 scales)
+
+    @property
+    def scale_levels(self) -> torch.Tensor | None:
+        """``[256]`` float32 values of a log8 scale's levels (None for fp16 scales)."""
+        return None if self.scale_tables is None else self.scale_tables[1]
+
+    def scale_values(self, stored: torch.Tensor | None) -> torch.Tensor | None:
+        """Stored scales -> float32 values (None stays None)."""
+        if stored is None:
+            return None
+        levels = self.scale_levels
+        return stored.float() if levels is None else levels[stored.long()]
 
 
 def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> SpectralTables:
@@ -92,6 +105,8 @@ def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> Sp
         rows=q.row_decoder(dev),
         position_mean=None if q.position_mean is None else q.position_mean.float().contiguous().to(dev),
         frequencies=None if q.frequencies is None else q.frequencies.float().contiguous().to(dev),
+        scale_tables=(torch.stack(q.scale_codec.tables(dev)).contiguous()
+                      if q.token_scale and q.scale_codec.format == "log8" else None),
     )
 
 

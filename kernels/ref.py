@@ -36,12 +36,12 @@ LOG2E = math.log2(math.e)
 
 @dataclass(frozen=True)
 class PackedSide:
-    """Compressed keys (or values) of one layer as stored: code rows, optional fp16 per-token scales, and the exact
+    """Compressed keys (or values) of one layer as stored: code rows, optional per-token scales, and the exact
     outlier coordinates (which replace their coordinate's centroid) when the quantizer keeps them."""
 
     quantizer: SpectralQuantizer
     codes: torch.Tensor  # [B, N, row_bytes] uint8
-    scales: torch.Tensor | None  # [B, N, H] fp16
+    scales: torch.Tensor | None  # [B, N, H] as stored: fp16, or uint8 levels of a log8 scale
     outliers: Outliers | SlotOutliers | None = None  # CSR (counts [B, N], token-major entries) or fixed slots
     positions: torch.Tensor | None = None  # [B, 1] position of each row's first token (position-centred keys)
     rows_share_positions: bool = False  # every row's tokens sit at the same positions (no left padding)
@@ -105,7 +105,8 @@ def decode_rotated_ref(tables: SpectralTables, codes: torch.Tensor, scales: torc
     Same numbers as :meth:`SpectralQuantizer.decode_rotated`, from the tables alone (so a compiled step holds
     everything it reads); the codes are decoded by the byte lookups of ``tables.rows``.
     """
-    return rotated_from_centroids(tables.rows(codes), tables.num_heads, tables.head_dim, scales, outliers)
+    return rotated_from_centroids(tables.rows(codes), tables.num_heads, tables.head_dim, tables.scale_values(scales),
+                                  outliers)
 
 
 def _check(q: torch.Tensor, k: PackedSide, v: PackedSide, k_fp: torch.Tensor | None, v_fp: torch.Tensor | None

@@ -112,7 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "are by default (the kernel's K_POS variant), or on one mean (default: %(default)s)")
     p.add_argument("--rope-theta", type=float, default=500000.0, help="RoPE base (default: Llama-3.1's, %(default)s)")
     p.add_argument("--no-token-scale", dest="token_scale", action="store_false",
-                   help="no fp16 per-token scale (default: with)")
+                   help="no per-token scale (default: with)")
+    p.add_argument("--scale-format", choices=("log8", "fp16"), default="log8",
+                   help="how the per-token scales are stored: one byte on a log scale, as calibrations write them by "
+                        "default, or fp16 (default: %(default)s)")
     p.add_argument("--outlier-fraction", type=float, default=0.0,
                    help="share of coordinates kept as exact outliers (SmolLM2's default calibration: 0.0057; "
                         "default: %(default)s)")
@@ -170,9 +173,10 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def make_quantizer(kv_heads: int, head_dim: int, bits: float, token_scale: bool, seed: int = 0,
-                   rope_theta: float | None = None) -> SpectralQuantizer:
+                   rope_theta: float | None = None, scale_format: str = "log8") -> SpectralQuantizer:
     """A random quantizer with the layout of a real one at ``bits`` per coordinate; with ``rope_theta``, position-
-    centred like a RoPE-aware calibration's keys (a random pre-RoPE mean)."""
+    centred like a RoPE-aware calibration's keys (a random pre-RoPE mean); ``scale_format``: of its per-token
+    scales (``log8`` over a range of 4 octaves, or ``fp16``)."""
     if "gauss" not in _CODEBOOKS:
         _CODEBOOKS["gauss"] = fit_codebooks(torch.randn(8192, generator=torch.Generator().manual_seed(0)))
     g = torch.Generator().manual_seed(seed)
@@ -181,8 +185,9 @@ def make_quantizer(kv_heads: int, head_dim: int, bits: float, token_scale: bool,
     bits_t = torch.tensor(bit_mix(head_dim, bits), dtype=torch.uint8).expand(kv_heads, head_dim).contiguous()
     position = {} if rope_theta is None else dict(position_mean=torch.randn(kv_heads, head_dim, generator=g),
                                                   frequencies=rope_frequencies(head_dim, rope_theta))
+    scale_range = (-2.0, 2.0) if token_scale and scale_format == "log8" else None
     return SpectralQuantizer(torch.randn(kv_heads, head_dim, generator=g), basis, eig, _CODEBOOKS["gauss"], bits_t,
-                             token_scale, **position)
+                             token_scale, scale_range=scale_range, **position)
 
 
 def random_outliers(batch: int, context: int, coords: int, fraction: float, device: torch.device | str,
@@ -376,12 +381,16 @@ def compressed_inputs(bits: float, batch: int, context: int, args: argparse.Name
     hkv, d = args.kv_heads, args.head_dim
     w = args.window + args.sinks + 1
     rope = args.position_centring == "rope"
-    qk = make_quantizer(hkv, d, bits, args.token_scale, seed=1, rope_theta=args.rope_theta if rope else None)
-    qv = make_quantizer(hkv, d, bits, args.token_scale, seed=2)
+    qk = make_quantizer(hkv, d, bits, args.token_scale, seed=1, rope_theta=args.rope_theta if rope else None,
+                        scale_format=args.scale_format)
+    qv = make_quantizer(hkv, d, bits, args.token_scale, seed=2, scale_format=args.scale_format)
     kc = torch.randint(0, 256, (batch, context, qk.row_bytes), dtype=torch.uint8, device=dev)
     vc = torch.randint(0, 256, (batch, context, qv.row_bytes), dtype=torch.uint8, device=dev)
     ks = vs = None
-    if args.token_scale:
+    if args.token_scale and args.scale_format == "log8":
+        ks = torch.randint(96, 160, (batch, context, hkv), dtype=torch.uint8, device=dev)
+        vs = torch.randint(96, 160, (batch, context, hkv), dtype=torch.uint8, device=dev)
+    elif args.token_scale:
         ks = (torch.rand(batch, context, hkv, device=dev) + 0.5).half()
         vs = (torch.rand(batch, context, hkv, device=dev) + 0.5).half()
     k_fp = torch.randn(batch, hkv, w, d, device=dev, dtype=torch.float16)

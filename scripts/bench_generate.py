@@ -191,7 +191,8 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sinks: int, seed: int = 0,
-                          outlier_fraction: float = 0.0, position_centring: str = "none") -> Any:
+                          outlier_fraction: float = 0.0, position_centring: str = "none",
+                          scale_format: str = "log8") -> Any:
     """A valid :class:`SpectralKVConfig` for ``model`` without text or forward passes.
 
     Every compressed layer and K/V gets a random orthonormal basis, a log-spaced spectrum (so the allocator gives
@@ -203,7 +204,8 @@ def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sink
     are timed; the random fill's keys are not standardised Gaussians, so most of its tokens reach the cap: the
     worst case, which a static cache's buffers pay for anyway. ``position_centring="rope"`` centres the keys on a
     random pre-RoPE mean rotated to each position with the model's own RoPE frequencies, as a RoPE-aware calibration
-    does (the decode kernel's ``K_POS`` variant).
+    does (the decode kernel's ``K_POS`` variant). ``scale_format``: of the per-token scales (``log8``, as
+    calibrations write them by default, over 4 octaves; or ``fp16``).
     """
     from spectralkv.allocation import allocate
     from spectralkv.codebook import distortion_table, fit_codebooks
@@ -232,6 +234,8 @@ def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sink
             tensors[tensor_name(l, kind, "distortion")] = distortion.clone()
             tensors[tensor_name(l, kind, "codebooks")] = table.clone()
             tensors[tensor_name(l, kind, "bits")] = torch.zeros(h, d, dtype=torch.uint8)
+            if scale_format == "log8":
+                tensors[tensor_name(l, kind, "scale_range")] = torch.tensor([-2.0, 2.0])
         if position_centring == ROPE:
             tensors[tensor_name(l, "k", "position_mean")] = torch.randn(h, d, generator=g)
     if position_centring == ROPE:
@@ -240,7 +244,8 @@ def synthetic_calibration(model: torch.nn.Module, bits: float, window: int, sink
     if outlier_fraction > 0:
         threshold = float(-torch.special.ndtri(torch.tensor(outlier_fraction / 2, dtype=torch.float64)))
     cfg = SpectralKVConfig(base_model=model.config.spectralkv_base_model, fingerprint=fp, compressed_layers=layers,
-                           tensors=tensors, default_bits=bits, token_scale=True, sink_tokens=sinks, window=window,
+                           tensors=tensors, default_bits=bits, token_scale=True, scale_format=scale_format,
+                           sink_tokens=sinks, window=window,
                            outlier_threshold=threshold, outlier_fraction=outlier_fraction if threshold else 0.0,
                            position_centring=position_centring if position_centring == ROPE else None,
                            calibration={"source": "synthetic (scripts/bench_generate.py): random bases, no text"})

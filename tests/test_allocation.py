@@ -131,12 +131,17 @@ def test_eight_bits_everywhere_at_full_budget(tiny_llama_calibration: Any) -> No
     assert all((t == 8).all() for t in alloc.values())
 
 
-def test_token_scale_costs_sixteen_bits_per_head(tiny_llama_calibration: Any) -> None:
-    with_scale = dataclasses.replace(tiny_llama_calibration, token_scale=True)
+@pytest.mark.parametrize("scale_format,bits", [("fp16", 16), ("log8", 8)])
+def test_token_scale_costs_its_bits_per_head(tiny_llama_calibration: Any, scale_format: str, bits: int) -> None:
+    """A per-token scale costs 16 bits per head in fp16, 8 as a log8 byte, paid from the codes."""
+    tensors = {k: v for k, v in tiny_llama_calibration.tensors.items()
+               if scale_format == "log8" or not k.endswith(".scale_range")}
+    with_scale = dataclasses.replace(tiny_llama_calibration, token_scale=True, scale_format=scale_format,
+                                     tensors=tensors)
     layers, h = len(with_scale.compressed_layers), with_scale.num_kv_heads
-    assert with_scale.scale_bits_per_token == 16 * 2 * layers * h
-    assert with_scale.min_bits == 16 / with_scale.head_dim
-    assert with_scale.code_bits_for(3.0) == tiny_llama_calibration.code_bits_for(3.0) - 16 * 2 * layers * h
+    assert with_scale.scale_bits_per_token == bits * 2 * layers * h
+    assert with_scale.min_bits == bits / with_scale.head_dim
+    assert with_scale.code_bits_for(3.0) == tiny_llama_calibration.code_bits_for(3.0) - bits * 2 * layers * h
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, 8.01, 9, 100, float("nan"), float("inf"), "abc", "", None, [3]])

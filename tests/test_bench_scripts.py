@@ -56,6 +56,7 @@ def gen() -> ModuleType:
     ("bench_cpu_decode.py", ["--contexts", "--batches", "--calibration", "--tiny", "--out"]),
     ("eval_weight_profiles.py", ["--calibration", "--bits", "--windows", "--out"]),
     ("eval_position_centring.py", ["--calibrations", "--bits", "--length", "--ranges", "--out"]),
+    ("compare_calibrations.py", ["--baseline", "--candidate", "--labels", "--bits", "--windows", "--out"]),
 ])
 def test_help(script: str, flags: list[str]) -> None:
     out = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True,
@@ -656,6 +657,48 @@ def test_weight_profiles_script_end_to_end(tiny_llama: Any, tmp_path: Path, monk
     assert row["profile"]["dppl_pct"] != row["default_weights"]["dppl_pct"]
     md = (tmp_path / "out" / "weight_profiles.md").read_text()
     assert "| 2 (profile 2) |" in md and "profiles kept at 2)" in md
+
+
+# -- scripts/compare_calibrations.py --------------------------------------------------------------------------------
+def test_compare_calibrations_end_to_end(tiny_llama: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the tiny model: two calibrations (fp16 vs log8 scales, both forced on) paired on the same windows; the
+    paired difference is the difference of their NLLs, and a budget one cannot serve is left out."""
+    import dataclasses
+    import json
+
+    from conftest import ByteTokenizer, tiny_calibrate
+
+    from spectralkv import models
+
+    script = _load("compare_calibrations")
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--baseline", "a", "--candidate", "b", "--windows", "0"])
+    assert e.value.code == 2
+    folders = []
+    for fmt in ("fp16", "log8"):
+        cfg = tiny_calibrate(tiny_llama, outlier_thresholds=(None,), profile_budgets=(), scale_format=fmt)
+        alloc = dataclasses.replace(cfg, token_scale=True, bits=2.5).allocation()  # one that pays for the scales
+        cfg = dataclasses.replace(cfg, token_scale=True, default_bits=2.5, bits=None, tensors=dict(cfg.tensors))
+        for (layer, kind), bits in alloc.items():
+            cfg.tensors[f"layers.{layer}.{kind}.bits"] = bits
+        folders.append(cfg.save_pretrained(tmp_path / fmt))
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: (tiny_llama, ByteTokenizer(256)))
+    out = tmp_path / "out"
+    argv = ["--baseline", str(folders[0]), "--candidate", str(folders[1]), "--labels", "fp16", "log8",
+            "--bits", "0.75", "2", "3", "--windows", "2", "--prefill", "48", "--decode", "8", "--batch-size", "2",
+            "--no-progress", "--out", str(out)]
+    assert script.main(argv) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["bits"] for r in data["rows"]] == [2.0, 3.0]  # 0.75 bits cannot pay for fp16 scales (1 bit)
+    for r in data["rows"]:
+        assert r["log8"]["bits_per_coordinate"] <= r["bits"] and r["fp16"]["bits_per_coordinate"] <= r["bits"]
+        code = {label: r[label]["key_bits"] + r[label]["value_bits"] for label in ("fp16", "log8")}
+        assert code["log8"] > code["fp16"]  # the byte the scale saves goes to the codes
+        assert r["paired_ci95_pct"][0] <= r["paired_pct"] <= r["paired_ci95_pct"][1]
+    assert data["meta"]["choices"]["log8"]["scale"] == "log8"
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "compare.md").read_text()
+    assert "### log8 vs fp16" in md and "| 2 |" in md and "| log8 | log8 |" in md
 
 
 # -- scripts/eval_position_centring.py ------------------------------------------------------------------------------

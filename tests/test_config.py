@@ -18,10 +18,11 @@ from spectralkv.config import CONFIG_NAME, FORMAT_VERSION, TENSORS_NAME, Spectra
 from spectralkv.fingerprint import IncompatibleCalibrationError, UnsupportedArchitectureError
 
 
-def with_token_scale(cfg: SpectralKVConfig) -> SpectralKVConfig:
-    """A per-token-scale variant of ``cfg`` with its own stored allocation (consistent at ``default_bits``)."""
-    tensors = dict(cfg.tensors)
-    new = dataclasses.replace(cfg, token_scale=True, tensors=tensors)
+def with_token_scale(cfg: SpectralKVConfig, scale_format: str = "fp16") -> SpectralKVConfig:
+    """A per-token-scale variant of ``cfg`` with its own stored allocation (consistent at ``default_bits``); an
+    fp16 variant drops the log8 scale ranges, which its files must not hold."""
+    tensors = {k: v for k, v in cfg.tensors.items() if scale_format == "log8" or not k.endswith(".scale_range")}
+    new = dataclasses.replace(cfg, token_scale=True, scale_format=scale_format, tensors=tensors)
     for (layer, kind), bits in allocate(new.weighted_distortion(), new.code_bits_for(new.default_bits)).items():
         tensors[tensor_name(layer, kind, "bits")] = bits
     return new
@@ -104,18 +105,24 @@ def test_with_bits(tiny_llama_calibration: SpectralKVConfig) -> None:
             cfg.with_bits(bad)
 
 
-def test_min_bits(tiny_llama_calibration: SpectralKVConfig, tmp_path: Path) -> None:
-    """With per-token fp16 scales, a budget must pay for them: 16 bits per head / 16 dims = 1 bit per coordinate."""
-    cfg = with_token_scale(tiny_llama_calibration)
-    assert cfg.min_bits == 1.0
-    for call in (lambda: cfg.with_bits(0.75), lambda: cfg.allocation(0.5), lambda: dataclasses.replace(cfg, bits=0.9)):
-        with pytest.raises(ValueError, match=r"too small .* and exact outliers alone cost 1\.000 bits .* above 1\.000"):
+@pytest.mark.parametrize("scale_format,floor", [("fp16", 1.0), ("log8", 0.5)])
+def test_min_bits(tiny_llama_calibration: SpectralKVConfig, tmp_path: Path, scale_format: str, floor: float) -> None:
+    """With per-token scales, a budget must pay for them: 16 bits per head / 16 dims = 1 bit per coordinate in fp16,
+    half that as one log8 byte."""
+    cfg = with_token_scale(tiny_llama_calibration, scale_format)
+    assert cfg.min_bits == floor
+    for call in (lambda: cfg.with_bits(floor - 0.25), lambda: cfg.allocation(floor / 2),
+                 lambda: dataclasses.replace(cfg, bits=floor - 0.1)):
+        with pytest.raises(ValueError, match=rf"too small .* and exact outliers alone cost {floor:.3f} bits .* above "
+                                             rf"{floor:.3f}"):
             call()
     cfg.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="too small"):
-        SpectralKVConfig.from_pretrained(tmp_path, bits=0.5)
-    ok = SpectralKVConfig.from_pretrained(tmp_path, bits=1.25)
-    assert ok.token_scale and ok.effective_bits() <= 1.25
+        SpectralKVConfig.from_pretrained(tmp_path, bits=floor / 2)
+    ok = SpectralKVConfig.from_pretrained(tmp_path, bits=floor + 0.25)
+    assert ok.token_scale and ok.scale_format == scale_format and ok.effective_bits() <= floor + 0.25
+    assert all(q.scale_dtype == (torch.uint8 if scale_format == "log8" else torch.float16)
+               for q in ok.quantizers().values())
     assert tiny_llama_calibration.min_bits == 0.0  # no scales: any positive budget
 
 

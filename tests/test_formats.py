@@ -24,10 +24,10 @@ folder = test_validate.folder  # a fresh copy of ``pristine`` per test
 
 @pytest.fixture(scope="module")
 def plain_calibration(tiny_llama: torch.nn.Module) -> SpectralKVConfig:
-    """Keys centred on their mean: the only layout formats 0-3 had."""
+    """Keys centred on their mean and fp16 scales: the only layout formats 0-3 had."""
     from conftest import tiny_calibrate
 
-    return tiny_calibrate(tiny_llama, position_centring=None)
+    return tiny_calibrate(tiny_llama, position_centring=None, scale_format="fp16")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _to_format_0(folder: Path) -> None:
     """Rewrite a current config in the documented pre-release layout (see ``spectralkv.formats``)."""
     def edit(d: dict[str, Any]) -> None:
         for key in ("format_version", "spectralkv_version", "window", "group_size", "outlier_threshold",
-                    "outlier_fraction", "weight_profiles", "position_centring"):
+                    "outlier_fraction", "weight_profiles", "position_centring", "scale_format"):
             d.pop(key)
 
     _edit_json(folder, edit)
@@ -52,6 +52,7 @@ def _to_format_1(folder: Path) -> None:
         d.pop("outlier_fraction")
         d.pop("weight_profiles")
         d.pop("position_centring")
+        d.pop("scale_format")
         d["format_version"] = 1
 
     _edit_json(folder, edit)
@@ -62,6 +63,7 @@ def _to_format_2(folder: Path) -> None:
     def edit(d: dict[str, Any]) -> None:
         d.pop("weight_profiles")
         d.pop("position_centring")
+        d.pop("scale_format")
         d["format_version"] = 2
 
     _edit_json(folder, edit)
@@ -71,9 +73,36 @@ def _to_format_3(folder: Path) -> None:
     """Rewrite a current (unpositioned) config in format 3 (keys centred on their mean alone)."""
     def edit(d: dict[str, Any]) -> None:
         d.pop("position_centring")
+        d.pop("scale_format")
         d["format_version"] = 3
 
     _edit_json(folder, edit)
+
+
+def _to_format_4(folder: Path) -> None:
+    """Rewrite a current (fp16-scale) config in format 4 (no scale format: scales were fp16)."""
+    def edit(d: dict[str, Any]) -> None:
+        d.pop("scale_format")
+        d["format_version"] = 4
+
+    _edit_json(folder, edit)
+
+
+def test_format_4_upgraded_to_fp16_scales(folder: Path, plain_calibration: SpectralKVConfig) -> None:
+    """Format 4 stored every per-token scale in fp16: the upgrade says so, and the quantizers keep fp16 scales."""
+    _to_format_4(folder)
+    cfg = SpectralKVConfig.from_pretrained(folder)
+    assert (cfg.format_version, cfg.scale_format) == (formats.FORMAT_VERSION, "fp16")
+    assert all(q.scale_codec.format == "fp16" for q in cfg.quantizers().values())
+    report = validate_calibration(folder)
+    assert report.ok, report.format()
+    assert report["format version"].message.startswith(f"format 4, upgraded to format {formats.FORMAT_VERSION}")
+
+
+def test_current_format_requires_the_scale_format_field(folder: Path) -> None:
+    _edit_json(folder, lambda d: d.pop("scale_format"))
+    with pytest.raises(CalibrationFormatError, match="scale_format"):
+        SpectralKVConfig.from_pretrained(folder)
 
 
 def test_format_3_upgraded_to_no_position_centring(folder: Path, plain_calibration: SpectralKVConfig) -> None:
@@ -156,8 +185,8 @@ def test_format_0_is_still_validated(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [({}, 0), ({"format_version": 1}, 1),
-     ({"format_version": 2}, 2), ({"format_version": 3}, 3), ({"format_version": 4}, 4),
-     ({"format_version": 5}, "format version 5, but this spectralkv reads format version 4 and older"),
+     ({"format_version": 2}, 2), ({"format_version": 3}, 3), ({"format_version": 4}, 4), ({"format_version": 5}, 5),
+     ({"format_version": 6}, "format version 6, but this spectralkv reads format version 5 and older"),
      ({"format_version": 0}, "unknown format version 0"), ({"format_version": -3}, "unknown format version -3"),
      ({"format_version": "1"}, r"'format_version' has the wrong type \(str\)"),
      ({"format_version": True}, r"'format_version' has the wrong type \(bool\)")],
@@ -171,33 +200,33 @@ def test_version_of(data: dict[str, Any], expected: int | str) -> None:
 
 
 def test_upgrade_chains_registered_steps_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With future formats 5 and 6, a format-0 config goes 0 -> 1 -> ... -> 6, each step seeing the previous
-    version (the real steps 0 -> 1 -> 2 -> 3 -> 4 included)."""
+    """With future formats 6 and 7, a format-0 config goes 0 -> 1 -> ... -> 7, each step seeing the previous
+    version (the real steps 0 -> 1 -> 2 -> 3 -> 4 -> 5 included)."""
     seen: list[int] = []
 
     def step(d: dict[str, Any]) -> dict[str, Any]:
         seen.append(d["format_version"])
         return {**d, f"added_in_{d['format_version'] + 1}": True}
 
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 6)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 7)
     monkeypatch.setattr(formats, "MIGRATIONS", dict(formats.MIGRATIONS))
-    formats.migration(4)(step)
     formats.migration(5)(step)
+    formats.migration(6)(step)
     original = {"default_bits": 3.0}
     out, version = formats.upgrade(original, CONFIG_NAME)
-    assert version == 0 and out["format_version"] == 6 and seen == [4, 5]
-    assert out["added_in_5"] and out["added_in_6"] and out["window"] == 32 and out["outlier_threshold"] is None
-    assert out["weight_profiles"] == [] and out["position_centring"] is None
+    assert version == 0 and out["format_version"] == 7 and seen == [5, 6]
+    assert out["added_in_6"] and out["added_in_7"] and out["window"] == 32 and out["outlier_threshold"] is None
+    assert out["weight_profiles"] == [] and out["position_centring"] is None and out["scale_format"] == "fp16"
     assert original == {"default_bits": 3.0}, "the input is not modified"
-    assert formats.upgrade({"format_version": 5}, CONFIG_NAME)[0]["format_version"] == 6
+    assert formats.upgrade({"format_version": 6}, CONFIG_NAME)[0]["format_version"] == 7
     with pytest.raises(ValueError, match="already registered"):
-        formats.migration(4)(step)
+        formats.migration(5)(step)
 
 
 def test_gap_in_the_registry_is_a_bug_not_an_artifact_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 5)
-    with pytest.raises(RuntimeError, match="No migration from calibration format 4 to 5"):
-        formats.upgrade({"format_version": 4}, CONFIG_NAME)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 6)
+    with pytest.raises(RuntimeError, match="No migration from calibration format 5 to 6"):
+        formats.upgrade({"format_version": 5}, CONFIG_NAME)
 
 
 # -- the packed-row byte format -----------------------------------------------------------------------------------

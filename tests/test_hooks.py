@@ -212,11 +212,11 @@ def test_budget_outside_range_is_refused(model: torch.nn.Module, tiny_llama_cali
 def test_budget_below_the_scales_is_refused(model: torch.nn.Module, tiny_llama_calibration: Any) -> None:
     """With per-token scales the calibration cannot serve a budget the scales alone exceed."""
     scaled = dataclasses.replace(tiny_llama_calibration, token_scale=True)
-    assert scaled.min_bits == 1.0  # 16-bit scale per head and token over head_dim 16
+    assert scaled.min_bits == 0.5  # a one-byte log8 scale per head and token over head_dim 16
     with pytest.raises(ValueError, match="too small"):
-        attach(model, scaled, bits=0.5)
+        attach(model, scaled, bits=0.25)
     assert not is_attached(model)
-    attach(model, scaled, bits=1.5)  # just above is served
+    attach(model, scaled, bits=0.75)  # just above is served
     assert is_attached(model)
 
 

@@ -68,16 +68,21 @@ def _bits_row(mix: dict[int, Any], d: int, g: torch.Generator) -> torch.Tensor:
     return row[torch.randperm(d, generator=g)]
 
 
-def make_quantizer(heads: int, d: int, mix: str, token_scale: bool = True, seed: int = 0,
+LOG8_RANGE = (-3.0, 3.5)  # log2 scale range of the "log8" cases; make_tokens' scales fall inside it
+
+
+def make_quantizer(heads: int, d: int, mix: str, token_scale: bool | str = True, seed: int = 0,
                    outlier_threshold: float | None = None, outlier_cap: int | None = None,
                    **position_terms: torch.Tensor) -> SpectralQuantizer:
+    """``token_scale``: False, True (fp16 scales) or ``"log8"`` (one-byte log scales over :data:`LOG8_RANGE`)."""
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(heads, d, d, generator=g)).Q
     eig = torch.logspace(1, -2, d).expand(heads, d) * (1 + torch.rand(heads, d, generator=g))
     mean = 2 * torch.randn(heads, d, generator=g)
     bits = torch.stack([_bits_row(MIXES[mix][h % len(MIXES[mix])], d, g) for h in range(heads)])
-    return SpectralQuantizer(mean, basis, eig, _codebooks(seed % 2), bits, token_scale,
-                             outlier_threshold=outlier_threshold, outlier_cap=outlier_cap, **position_terms)
+    return SpectralQuantizer(mean, basis, eig, _codebooks(seed % 2), bits, bool(token_scale),
+                             outlier_threshold=outlier_threshold, outlier_cap=outlier_cap,
+                             scale_range=LOG8_RANGE if token_scale == "log8" else None, **position_terms)
 
 
 def make_tokens(q: SpectralQuantizer, b: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -134,6 +139,7 @@ def test_layout_tables_decode_like_unpack(mix: str, d: int) -> None:
 # -- write path -----------------------------------------------------------------------------------------------------
 ENCODE_CASES = [  # (heads, head_dim, mix, token_scale, tokens)
     (2, 64, "all-widths", True, 37),
+    (3, 64, "2.5bit", "log8", 23),
     (3, 64, "2.5bit", False, 19),
     (2, 80, "all-widths", True, 21),
     (1, 128, "3bit", True, 17),
@@ -142,7 +148,7 @@ ENCODE_CASES = [  # (heads, head_dim, mix, token_scale, tokens)
 
 
 @pytest.mark.parametrize("heads,d,mix,token_scale,t", ENCODE_CASES, ids=lambda v: str(v))
-def test_encode_pack_stage_bit_exact(heads: int, d: int, mix: str, token_scale: bool, t: int) -> None:
+def test_encode_pack_stage_bit_exact(heads: int, d: int, mix: str, token_scale: bool | str, t: int) -> None:
     """Given the reference's rotated coordinates and scales, bucketize + pack reproduce encode() byte for byte."""
     from spectralkv.kernels.encode import encode_launch
 
@@ -157,7 +163,7 @@ def test_encode_pack_stage_bit_exact(heads: int, d: int, mix: str, token_scale: 
     edge = torch.stack([cb.boundaries(table, 3)[0], cb.centroids(table, 8)[-1] * 10, -1e6 * torch.ones(())])
     edge = edge.to(DEV)
     z_edge = z.clone()
-    z_edge[..., :3] = edge * (ref_scales.transpose(1, 2).float()[..., None] if token_scale else 1)
+    z_edge[..., :3] = edge * (q.scale_values(ref_scales).transpose(1, 2)[..., None] if token_scale else 1)
     ref_edge, edge_scales = _encode_given(q, z_edge)
     packed_edge, _ = encode_launch(tables_for(q, DEV), z_edge, rotate=False, scales=edge_scales)
     assert torch.equal(packed_edge, ref_edge), report(packed_edge, ref_edge)
@@ -173,8 +179,8 @@ def _encode_given(q: SpectralQuantizer, z: torch.Tensor) -> tuple[torch.Tensor, 
         q.rotate = original  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("heads,d,mix,token_scale,t", ENCODE_CASES[:4], ids=lambda v: str(v))
-def test_encode_full_path(heads: int, d: int, mix: str, token_scale: bool, t: int) -> None:
+@pytest.mark.parametrize("heads,d,mix,token_scale,t", ENCODE_CASES[:5], ids=lambda v: str(v))
+def test_encode_full_path(heads: int, d: int, mix: str, token_scale: bool | str, t: int) -> None:
     """Rotation inside the kernel: scales match, and codes match wherever z is not within 1e-5 of a boundary.
 
     The kernel's fp32 product sums in another order than torch.einsum, so a coordinate within an ulp of a boundary
@@ -186,14 +192,15 @@ def test_encode_full_path(heads: int, d: int, mix: str, token_scale: bool, t: in
     ref_packed, ref_scales = q.encode(x)
     packed, scales = spectral_encode(q, x)
     same_scale = torch.ones(2, t, heads, dtype=torch.bool, device=DEV)
-    if token_scale:
-        ulp = (ref_scales.float().abs() * 2**-10).clamp_min(2**-24)
+    if token_scale:  # within one fp16 ulp, or one log8 level (the mean square's summation order differs)
+        ulp = (ref_scales.float().abs() * 2**-10).clamp_min(2**-24) if token_scale is True else 1
+        assert scales.dtype == ref_scales.dtype == q.scale_dtype
         assert ((scales.float() - ref_scales.float()).abs() <= ulp).all(), report(scales, ref_scales)
         same_scale = scales == ref_scales
         assert same_scale.float().mean() > 0.99
     z = q.rotate(x)
     if token_scale:
-        z = z / ref_scales.transpose(1, 2).float()[..., None]
+        z = z / q.scale_values(ref_scales).transpose(1, 2)[..., None]
     near = torch.zeros(2, heads, t, d, dtype=torch.bool, device=DEV)
     for h in range(heads):
         for r in q.regimes[h]:
@@ -206,9 +213,9 @@ def test_encode_full_path(heads: int, d: int, mix: str, token_scale: bool, t: in
     assert (got != want).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize("heads,d,token_scale,thr,cap", [(2, 64, True, 2.0, 6), (3, 128, False, 2.5, None)],
-                         ids=str)
-def test_encode_with_outliers(heads: int, d: int, token_scale: bool, thr: float, cap: int | None) -> None:
+@pytest.mark.parametrize("heads,d,token_scale,thr,cap", [(2, 64, True, 2.0, 6), (3, 128, False, 2.5, None),
+                                                         (2, 64, "log8", 2.0, None)], ids=str)
+def test_encode_with_outliers(heads: int, d: int, token_scale: bool | str, thr: float, cap: int | None) -> None:
     """The write kernel's coordinates give the same exact outliers as the quantizer (its codes are checked above)."""
     from spectralkv.kernels.encode import spectral_encode_with_outliers
 
@@ -239,7 +246,7 @@ def test_encode_empty_and_shapes() -> None:
 # -- decode attention -------------------------------------------------------------------------------------------------
 def make_case(
     g: int, d: int, mix_k: str, mix_v: str, n: int, window: int, *, b: int = 2, hkv: int = 2, seed: int = 0,
-    k_scale: bool = True, v_scale: bool = True, dtype: torch.dtype = torch.float32, masks: str = "none",
+    k_scale: bool | str = True, v_scale: bool | str = True, dtype: torch.dtype = torch.float32, masks: str = "none",
     outliers: tuple[float, int | None] | None = None,
 ) -> dict[str, Any]:
     """Query, compressed K/V (encoded by the reference), full-precision K/V and masks for one decode step.
@@ -290,7 +297,7 @@ def sdpa_over_decoded(case: dict[str, Any]) -> torch.Tensor:
 
 
 REF_CASES = [  # (g, d, mix_k, mix_v, n, window, k_scale, v_scale, masks)
-    (1, 64, "3bit", "2bit", 40, 6, True, True, "none"),
+    (1, 64, "3bit", "2bit", 40, 6, "log8", True, "none"),
     (3, 64, "all-widths", "2.5bit", 33, 5, True, False, "ragged"),
     (4, 80, "4bit", "all-widths", 24, 3, False, True, "holes"),
     (4, 64, "2bit", "2bit", 0, 4, True, True, "none"),
@@ -299,15 +306,15 @@ REF_CASES = [  # (g, d, mix_k, mix_v, n, window, k_scale, v_scale, masks)
 
 @pytest.mark.parametrize("g,d,mix_k,mix_v,n,window,k_scale,v_scale,masks", REF_CASES, ids=lambda v: str(v))
 def test_reference_equals_sdpa_over_decode(g: int, d: int, mix_k: str, mix_v: str, n: int, window: int,
-                                           k_scale: bool, v_scale: bool, masks: str) -> None:
+                                           k_scale: bool | str, v_scale: bool | str, masks: str) -> None:
     case = make_case(g, d, mix_k, mix_v, n, window, k_scale=k_scale, v_scale=v_scale, masks=masks)
     torch.testing.assert_close(decode_attention_ref(**case), sdpa_over_decoded(case), atol=1e-5, rtol=1e-5)
 
 
 ROWS_CASES = [  # (g, d, hkv, mix_k, mix_v, n, window, scales, masks, outliers, dtype)
     (1, 64, 2, "3bit", "2bit", 40, 6, (True, True), "none", None, torch.float32),
-    (3, 64, 2, "all-widths", "2.5bit", 33, 5, (True, False), "ragged", (2.0, 8), torch.float32),
-    (4, 80, 2, "4bit", "all-widths", 24, 3, (False, True), "holes", None, torch.bfloat16),
+    (3, 64, 2, "all-widths", "2.5bit", 33, 5, ("log8", False), "ragged", (2.0, 8), torch.float32),
+    (4, 80, 2, "4bit", "all-widths", 24, 3, (False, "log8"), "holes", None, torch.bfloat16),
     (4, 128, 3, "all-widths", "3bit", 29, 3, (False, True), "row-empty", (2.5, None), torch.float32),
     (8, 64, 1, "small", "small", 17, 0, (True, True), "none", (1.5, 3), torch.float32),
     (4, 64, 2, "2bit", "2bit", 0, 4, (True, True), "none", None, torch.float32),
@@ -317,7 +324,7 @@ ROWS_CASES = [  # (g, d, hkv, mix_k, mix_v, n, window, scales, masks, outliers, 
 @pytest.mark.parametrize("g,d,hkv,mix_k,mix_v,n,window,scales,masks,outliers,dtype", ROWS_CASES,
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_cpu_attention_on_grouped_rows_equals_reference(g: int, d: int, hkv: int, mix_k: str, mix_v: str, n: int,
-                                                        window: int, scales: tuple[bool, bool], masks: str,
+                                                        window: int, scales: tuple[bool | str, bool | str], masks: str,
                                                         outliers: Any, dtype: torch.dtype) -> None:
     """The PyTorch path's attention on the row decoder's grouped columns (block queries) gives the reference's
     numbers, with and without scales, outliers, masks, full-precision tokens and compressed tokens."""
@@ -345,7 +352,7 @@ def test_cpu_attention_with_positioned_keys_equals_reference() -> None:
 
 
 OUTLIER_CASES = [  # (g, d, hkv, mix_k, mix_v, n, window, scales, masks, outliers); 3 x 128 coordinates: int16 index
-    (3, 64, 2, "2bit", "2.5bit", 37, 5, (True, True), "ragged", (2.0, 8)),
+    (3, 64, 2, "2bit", "2.5bit", 37, 5, ("log8", True), "ragged", (2.0, 8)),
     (4, 128, 3, "all-widths", "3bit", 29, 3, (False, True), "holes", (2.5, None)),
     (1, 80, 2, "4bit", "2bit", 20, 2, (True, False), "none", (1.5, 3)),  # the cap binds on most tokens
 ]
@@ -353,7 +360,7 @@ OUTLIER_CASES = [  # (g, d, hkv, mix_k, mix_v, n, window, scales, masks, outlier
 
 @pytest.mark.parametrize("g,d,hkv,mix_k,mix_v,n,window,scales,masks,outliers", OUTLIER_CASES, ids=lambda v: str(v))
 def test_reference_with_outliers_equals_sdpa_over_decode(g: int, d: int, hkv: int, mix_k: str, mix_v: str, n: int,
-                                                         window: int, scales: tuple[bool, bool], masks: str,
+                                                         window: int, scales: tuple[bool | str, bool | str], masks: str,
                                                          outliers: tuple[float, int | None]) -> None:
     case = make_case(g, d, mix_k, mix_v, n, window, hkv=hkv, k_scale=scales[0], v_scale=scales[1], masks=masks,
                      outliers=outliers)
@@ -384,10 +391,10 @@ def test_reference_without_window_and_scaling() -> None:
 ABS_FLOOR = 2e-5
 
 KERNEL_CASES = [  # (g, d, mix_k, mix_v, n, window, splits, block_t, masks, dtype, unpack, scales)
-    (1, 64, "2bit", "2bit", 50, 4, 1, 16, "none", torch.float32, "gather", (True, True)),
+    (1, 64, "2bit", "2bit", 50, 4, 1, 16, "none", torch.float32, "gather", ("log8", "log8")),
     (3, 64, "all-widths", "2.5bit", 70, 37, 3, 16, "ragged", torch.float32, "gather", (True, False)),
     (4, 64, "3bit", "4bit", 45, 3, 7, 16, "none", torch.float32, "register", (False, True)),  # 4 empty splits
-    (4, 128, "4bit", "3bit", 40, 5, 2, 32, "holes", torch.bfloat16, "gather", (True, True)),
+    (4, 128, "4bit", "3bit", 40, 5, 2, 32, "holes", torch.bfloat16, "gather", (True, "log8")),
     (3, 80, "all-widths", "all-widths", 30, 2, 2, 16, "row-empty", torch.float16, "register", (True, True)),
     (1, 64, "2.5bit", "2bit", 1, 1, 1, 16, "none", torch.float32, "gather", (False, False)),
 ]
@@ -397,7 +404,7 @@ KERNEL_CASES = [  # (g, d, mix_k, mix_v, n, window, splits, block_t, masks, dtyp
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_decode_attention_kernel(g: int, d: int, mix_k: str, mix_v: str, n: int, window: int, splits: int,
                                  block_t: int, masks: str, dtype: torch.dtype, unpack: str,
-                                 scales: tuple[bool, bool]) -> None:
+                                 scales: tuple[bool | str, bool | str]) -> None:
     from spectralkv.kernels.decode_attention import decode_attention
 
     case = make_case(g, d, mix_k, mix_v, n, window, k_scale=scales[0], v_scale=scales[1], dtype=dtype, masks=masks,
@@ -417,7 +424,7 @@ def test_decode_attention_kernel(g: int, d: int, mix_k: str, mix_v: str, n: int,
 @pytest.mark.parametrize("g,d,hkv,mix_k,mix_v,n,window,scales,masks,outliers", OUTLIER_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("splits,block_t,unpack", [(3, 16, "gather"), (1, 32, "register")], ids=str)
 def test_decode_attention_kernel_with_outliers(g: int, d: int, hkv: int, mix_k: str, mix_v: str, n: int, window: int,
-                                               scales: tuple[bool, bool], masks: str,
+                                               scales: tuple[bool | str, bool | str], masks: str,
                                                outliers: tuple[float, int | None], splits: int, block_t: int,
                                                unpack: str) -> None:
     from spectralkv.kernels.decode_attention import decode_attention, outlier_starts
@@ -519,7 +526,7 @@ def test_kernels_compile_for_h100() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.split("\n")
-    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 8, out.stdout  # 6 stage-1
+    assert sum(line.startswith(("stage1", "stage2", "encode")) for line in lines) == 10, out.stdout  # 7 stage-1
     assert all(line.split()[-1] in ("0", "None") for line in lines if line), out.stdout
 
 

@@ -11,7 +11,8 @@ from conftest import ByteTokenizer
 
 from spectralkv import codebook as cb
 from spectralkv.capture import capture_attention
-from spectralkv.quantizer import SCALE_FLOOR, SpectralQuantizer
+from spectralkv.quantizer import SpectralQuantizer
+from spectralkv.scales import SCALE_FLOOR
 from spectralkv.text import evaluation_tokens
 
 
@@ -75,7 +76,7 @@ def test_encode_shapes_and_accounting(tiny_llama_calibration: Any, tiny_kv: dict
         assert packed.shape == (b, t, q.row_bytes) and packed.dtype == torch.uint8
         bits = cfg.allocation()[(layer, kind)]
         assert q.code_bits_per_token == int(bits.long().sum()) == 8 * q.row_bytes
-        assert q.bits_per_token == q.code_bits_per_token + (16 * h if cfg.token_scale else 0)
+        assert q.bits_per_token == q.code_bits_per_token + (q.scale_codec.bits * h if cfg.token_scale else 0)
         assert q.decode(packed, scales, torch.bfloat16, positions=_positions(q, x)).dtype == torch.bfloat16
 
 

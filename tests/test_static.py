@@ -29,9 +29,15 @@ def fused_llama(tiny_llama: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def outlier_calibration(tiny_llama: Any) -> Any:
-    """A calibration of the tiny Llama that keeps exact outliers (beyond 2.5 std: a few per token)."""
+    """A calibration of the tiny Llama that keeps exact outliers (beyond 2.5 std: a few per token) and per-token scales
+    (forced on, as one log8 byte each, served at 2.5 bits so the allocation pays for them), so the static buffers and
+    the compiled steps carry both kinds of metadata."""
+    import dataclasses
+
     cfg = tiny_calibrate(tiny_llama, outlier_thresholds=(2.5,))
-    assert cfg.outlier_threshold is not None and cfg.outlier_cap is not None
+    cfg = dataclasses.replace(cfg, token_scale=True, bits=2.5)
+    assert cfg.outlier_threshold is not None and cfg.outlier_cap is not None and cfg.scale_format == "log8"
+    assert all(q.scale_dtype == torch.uint8 for q in cfg.quantizers().values())
     return cfg
 
 

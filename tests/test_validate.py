@@ -157,6 +157,18 @@ def test_wrong_dtype(folder: Path, name: str, dtype: torch.dtype, expected: str)
     _refused(folder, rf"tensor '{name}' has dtype {expected}, expected {want}")
 
 
+def test_missing_scale_range(folder: Path) -> None:
+    """A log8 calibration without one of its scale ranges is refused by name (the tiny calibration is log8)."""
+    assert json.loads((folder / CONFIG_NAME).read_text())["scale_format"] == "log8"
+    _rewrite_tensors(folder, lambda t: t.pop("layers.1.k.scale_range"))
+    _refused(folder, r"lacks tensors the config requires, e.g. 'layers.1.k.scale_range'")
+
+
+def test_unknown_scale_format(folder: Path) -> None:
+    _edit_json(folder, lambda d: d.update(scale_format="log4"))
+    _refused(folder, r"scale_format must be one of \('fp16', 'log8'\), got 'log4'")
+
+
 def test_missing_tensor(folder: Path) -> None:
     _rewrite_tensors(folder, lambda t: t.pop("layers.1.v.weights"))
     _refused(folder, r"lacks tensors the config requires, e.g. 'layers.1.v.weights' \(1 missing\)")
@@ -191,6 +203,8 @@ VALUE_CASES = [
     ("layers.0.k.bits", lambda x: x[0, :8].fill_(9), "bits per coordinate must be in 0..8, found 9"),
     ("layers.0.k.bits", lambda x: x.__setitem__((0, 0), int(x[0, 0]) % 8 + 1),
      "-bit coordinates per head must come in multiples of 8"),
+    ("layers.1.v.scale_range", lambda x: x.__setitem__(1, float("nan")), "layer 1 values: scale_range contains NaN"),
+    ("layers.0.k.scale_range", lambda x: x.copy_(x.flip(0)), r"layer 0 keys: scale_range \[lo, hi\] must have lo < hi"),
 ]
 
 

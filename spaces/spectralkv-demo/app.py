@@ -447,7 +447,8 @@ def inspect_calibration(calibration: str | None = BUNDLED,
         f"Budget **{b:g} bits/coord** → stored {cfg.effective_bits(b):.3f} bits/coord (codes + scales): "
         f"keys **{split['key_bits']:.2f}**, values **{split['value_bits']:.2f}** code bits on average. "
         f"{cfg.bytes_per_token(b):,.0f} B/token vs {fp16:,} B/token in fp16 "
-        f"(**{fp16 / cfg.bytes_per_token(b):.1f}x** smaller). Per-token scale: {cfg.token_scale}; "
+        f"(**{fp16 / cfg.bytes_per_token(b):.1f}x** smaller). Per-token scale: "
+        f"{cfg.scale_format if cfg.token_scale else 'none'}; "
         f"key weight {cfg.key_weight:g}; smallest budget this calibration serves: {cfg.min_bits:.3f} bits.",
         "",
         f"Per-layer K/V weights: those fitted at **{cfg.profile_bits(b):g} bits** (calibrated at "

@@ -61,8 +61,8 @@ class OutlierBuffer:
 
 
 class SpectralStore(TokenStore):
-    """Packed code rows ``[B, N, row_bytes]`` (uint8), optional fp16 per-token scales ``[B, N, H]``, and the exact
-    outliers when the quantizer keeps them.
+    """Packed code rows ``[B, N, row_bytes]`` (uint8), optional per-token scales ``[B, N, H]`` (fp16, or log8
+    bytes), and the exact outliers when the quantizer keeps them.
 
     With a position-centred quantizer (RoPE-aware keys) ``append`` takes the tokens' positions; the store keeps only
     each row's first position, since a cache layer appends consecutive positions (no per-token metadata)."""

@@ -33,12 +33,12 @@ from . import __version__
 from .allocation import allocate, check_budget
 from .capture import capture_attention
 from .codebook import distortion_table, fit_codebooks
-from .config import KINDS, ROPE_FREQUENCIES, SpectralKVConfig, tensor_name
+from .config import KINDS, ROPE_FREQUENCIES, SCALE_RANGE, SpectralKVConfig, tensor_name
 from .fingerprint import check_supported, compressed_layers, fingerprint
 from .moments import MomentAccumulator, eigh_descending, participation_ratio
 from .positions import AUTO, PositionMoments, position_features, resolve_position_centring
 from .positions import rotate as rope_rotate
-from .quantizer import SCALE_FLOOR
+from .scales import FP16, LOG8_BITS, ScaleCodec, check_scale_format, measured_range
 from .sensitivity import attention_output_gradients, fisher_error
 from .served_attention import served_attention
 from .text import calibration_tokens, windows
@@ -89,8 +89,9 @@ def _standardise(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, lam: 
     ).sqrt()[:, None]
 
 
-def _token_scaled(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    s = z.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(SCALE_FLOOR).half().float()
+def _token_scaled(z: torch.Tensor, codec: ScaleCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z`` divided by its per-token scale as stored (rounded to the codec's levels), and that scale."""
+    s = codec.quantized(z.pow(2).mean(-1, keepdim=True))
     return z / s, s
 
 
@@ -143,6 +144,7 @@ def calibrate(
     outlier_thresholds: tuple[float | None, ...] = OUTLIER_THRESHOLDS,
     profile_budgets: tuple[float, ...] = PROFILE_BUDGETS,
     position_centring: str | None = AUTO,
+    scale_format: str = "log8",
 ) -> SpectralKVConfig:
     """Calibrate ``model`` on ``text`` and return a config serving budget ``bits`` (and any other budget).
 
@@ -163,8 +165,14 @@ def calibrate(
     post-RoPE mean; ``"auto"`` (default) is ``"rope"`` wherever the model's rotary embedding allows it. On SmolLM2
     it changed nothing measurable at a 512-token prefill and cut the perplexity loss at a 4096-token prefill (twice
     the calibration's sequences) from +17.1 / +7.4 / +4.3% to +7.4 / +1.5 / +0.33% at 2 / 3 / 4 bits.
+    ``scale_format``: how a per-token scale, where the search picks one, is stored (:mod:`spectralkv.scales`):
+    ``"log8"`` (default), one byte over the log2 range the calibration's tokens span plus an octave each side, or
+    ``"fp16"``. The byte costs half as much, and its rounding is far below what the codes lose; on SmolLM2 the freed
+    bits cut the perplexity loss at 2 bits from +5.1% to +4.1% (paired -1.0%), within noise at 2.5-4 bits
+    (docs/experiments.md).
     """
     bits = check_budget(bits)
+    check_scale_format(scale_format)
     try:
         profile_budgets = tuple(sorted({check_budget(b) for b in profile_budgets} - {bits}))
     except ValueError as e:
@@ -320,9 +328,14 @@ def calibrate(
                 x_held = x_held.transpose(0, 1).reshape(h, -1, d)
                 z_held = _standardise(x_held, mean, basis, lam)
                 scale = None
+                range_name = tensor_name(l, kind, SCALE_RANGE)
+                if scale_format == "log8" and range_name not in tensors:  # what the fitting tokens' scales span
+                    tensors[range_name] = measured_range(z_fit.pow(2).mean(-1).sqrt())
                 if token_scale:
-                    z_fit, _ = _token_scaled(z_fit)
-                    z_held, scale = _token_scaled(z_held)
+                    codec = FP16 if scale_format == "fp16" else ScaleCodec(
+                        "log8", tuple(tensors[range_name].tolist()))
+                    z_fit, _ = _token_scaled(z_fit, codec)
+                    z_held, scale = _token_scaled(z_held, codec)
                 flat_all = z_fit.reshape(-1)
                 for thr in outlier_thresholds:
                     var = variants[(token_scale, thr)]
@@ -354,6 +367,7 @@ def calibrate(
             base_model=base_model or getattr(model.config, "spectralkv_base_model", None)
             or str(getattr(model.config, "_name_or_path", "unknown")),
             fingerprint=fp, compressed_layers=layers, tensors=t, default_bits=budget, token_scale=token_scale,
+            scale_format=scale_format,
             key_weight=key_weight, outlier_threshold=threshold,
             outlier_fraction=var["outliers"] / max(var["coords"], 1), sink_tokens=sink_tokens, window=window,
             position_centring=position_centring,
@@ -424,7 +438,8 @@ def calibrate(
             raise RuntimeError("No allocation could be evaluated; this is a bug, please report it.")
         return best, rows
 
-    modes = [ts for ts in (False, True) if not (ts and bits * d <= 16)]  # skip scales that would eat the budget
+    scale_bits = FP16.bits if scale_format == "fp16" else LOG8_BITS
+    modes = [ts for ts in (False, True) if not (ts and bits * d <= scale_bits)]  # skip scales that eat the budget
     chosen, search_rows = search(bits, [(ts, thr) for ts in modes for thr in outlier_thresholds],
                                  "calibration: allocation search")
     profiles, profile_rows = [], []
@@ -462,7 +477,8 @@ def calibrate(
         "layers": measured_layers,
         "kv_split_search": search_rows,
         "budget_profiles": profile_rows,
-        "chosen": {"token_scale": cfg.token_scale, "key_weight": cfg.key_weight, "heldout_error": err,
+        "chosen": {"token_scale": cfg.token_scale, "scale_format": cfg.scale_format, "key_weight": cfg.key_weight,
+                   "heldout_error": err,
                    "outlier_threshold": cfg.outlier_threshold, "outlier_fraction": cfg.outlier_fraction,
                    "weighting": weighting, "mean_relative_output_error": sum(per_layer) / len(per_layer),
                    **cfg.kv_split()},

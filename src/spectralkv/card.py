@@ -120,7 +120,8 @@ def render_card(config: Any, repo_id: str | None = None, *, evaluation: dict[str
         compression=16 / eff,
         key_bits=split["key_bits"],
         value_bits=split["value_bits"],
-        token_scale=config.token_scale,
+        token_scale=(("yes, " + ("one byte, log scale" if config.scale_format == "log8" else "fp16"))
+                     if config.token_scale else "no"),
         key_weight=config.key_weight,
         outliers=("off" if config.outlier_threshold is None else
                   f"beyond {config.outlier_threshold:g} std ({100 * config.outlier_fraction:.2f}% of coordinates, "

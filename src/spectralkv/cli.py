@@ -43,6 +43,9 @@ def _add_calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="'rope': centre each key on the pre-RoPE key mean rotated to its position (much lower error "
                         "beyond the calibration's sequence length); 'none': on its post-RoPE mean; 'auto' (default): "
                         "'rope' where the model's rotary embedding allows it")
+    p.add_argument("--scale-format", choices=("log8", "fp16"), default="log8",
+                   help="how a per-token scale is stored where the calibration picks one: 'log8' (default), one "
+                        "byte on a calibrated log scale; 'fp16', two bytes")
 
 
 def _calibrate_from_args(model: Any, tok: Any, args: argparse.Namespace) -> Any:
@@ -52,7 +55,8 @@ def _calibrate_from_args(model: Any, tok: Any, args: argparse.Namespace) -> Any:
     return calibrate(model, tok, bits=args.bits, text=args.text, tokens=args.tokens, heldout_tokens=args.heldout_tokens,
                      seq_len=args.seq_len, sink_tokens=args.sink_tokens, window=args.window, seed=args.seed,
                      profile_budgets=budgets,
-                     position_centring=None if args.position_centring == "none" else args.position_centring)
+                     position_centring=None if args.position_centring == "none" else args.position_centring,
+                     scale_format=args.scale_format)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from .fingerprint import (
     mismatches,
 )
 from .formats import FORMAT_VERSION
+from .scales import FP16, ScaleCodec, check_scale_format
 
 CONFIG_NAME = "spectralkv_config.json"
 TENSORS_NAME = "spectralkv.safetensors"
@@ -40,7 +41,7 @@ CARD_NAME = "README.md"
 KINDS = ("k", "v")
 TENSOR_FIELDS = ("mean", "basis", "eigenvalues", "weights", "distortion", "codebooks", "bits")
 ROPE_FREQUENCIES = "rope.frequencies"  # [D], with position_centring="rope" (keys also have "position_mean")
-SCALE_BITS = 16
+SCALE_RANGE = "scale_range"  # per layer and K/V: [lo, hi] log2 range of a log8 per-token scale
 
 
 class CalibrationFormatError(ValueError):
@@ -71,7 +72,9 @@ class SpectralKVConfig:
         tensors: per-layer tensors, named ``layers.{i}.{k|v}.{field}``.
         default_bits: the budget (bits per coordinate over K and V, scales included) ``bits`` was allocated for.
         bits: the active budget; any value in (0, 8] that the calibration can serve (re-allocated on demand).
-        token_scale: whether each token/head stores an fp16 scale (chosen at calibration by measured error).
+        token_scale: whether each token/head stores a scale (chosen at calibration by measured error).
+        scale_format: how a per-token scale is stored (:mod:`spectralkv.scales`): ``"fp16"``, or ``"log8"``, one
+            byte on a log scale over a calibrated range (tensors ``layers.{i}.{k|v}.scale_range``).
         key_weight: relative weight of key vs value distortion chosen at calibration by measured error.
         outlier_threshold: coordinates beyond this many standard deviations are kept exactly (dense-and-sparse;
             chosen at calibration by measured error, None: off).
@@ -96,6 +99,7 @@ class SpectralKVConfig:
     default_bits: float
     bits: float | None = None
     token_scale: bool = True
+    scale_format: str = "fp16"
     key_weight: float = 1.0
     outlier_threshold: float | None = None
     outlier_fraction: float = 0.0
@@ -133,6 +137,16 @@ class SpectralKVConfig:
             missing = [n for n in needed if n not in self.tensors]
             if missing:
                 raise ValueError(f"position_centring={self.position_centring!r} needs the tensor {missing[0]!r}.")
+        check_scale_format(self.scale_format)
+        if self.scale_format == "log8":
+            missing = [n for l in self.compressed_layers for k in KINDS
+                       if (n := tensor_name(l, k, SCALE_RANGE)) not in self.tensors]
+            if missing:
+                raise ValueError(f"scale_format='log8' needs the tensor {missing[0]!r} (the scale's log2 range).")
+            self._scale_codecs = {(l, k): ScaleCodec("log8", tuple(self.tensor(l, k, SCALE_RANGE).tolist()))
+                                  for l in self.compressed_layers for k in KINDS}
+        else:
+            self._scale_codecs = {}
         self.weight_profiles = check_weight_profiles(self.weight_profiles, len(self.compressed_layers),
                                                      self.default_bits)
         self._alloc_cache: dict[float, dict[tuple[int, str], torch.Tensor]] = {}
@@ -156,7 +170,15 @@ class SpectralKVConfig:
 
     @property
     def scale_bits_per_token(self) -> int:
-        return SCALE_BITS * 2 * len(self.compressed_layers) * self.num_kv_heads if self.token_scale else 0
+        """Bits of the per-token scales over all compressed layers, K and V (0 without them)."""
+        if not self.token_scale:
+            return 0
+        return self.scale_codec(self.compressed_layers[0], "k").bits * 2 * len(self.compressed_layers) \
+            * self.num_kv_heads
+
+    def scale_codec(self, layer: int, kind: str) -> ScaleCodec:
+        """How ``layer``'s keys or values store their per-token scale (meaningful with ``token_scale``)."""
+        return self._scale_codecs.get((layer, kind), FP16)
 
     @property
     def outlier_bits_per_token(self) -> float:
@@ -184,7 +206,7 @@ class SpectralKVConfig:
 
     def _budget_too_small(self, bits: float) -> str:
         return (
-            f"A budget of {bits} bits per coordinate is too small for this calibration: its per-token fp16 scales "
+            f"A budget of {bits} bits per coordinate is too small for this calibration: its per-token scales "
             f"and exact outliers alone cost {self.min_bits:.3f} bits per coordinate. Choose a budget above "
             f"{self.min_bits:.3f}."
         )
@@ -257,6 +279,9 @@ class SpectralKVConfig:
                 return {}
             return {"position_mean": self.tensor(l, k, "position_mean"), "frequencies": self.tensors[ROPE_FREQUENCIES]}
 
+        def scale_range(l: int, k: str) -> tuple[float, float] | None:
+            return self.scale_codec(l, k).log_range if self.token_scale else None
+
         return {
             (l, k): SpectralQuantizer(
                 self.tensor(l, k, "mean"),
@@ -268,6 +293,7 @@ class SpectralKVConfig:
                 self.outlier_threshold,
                 self.outlier_cap,
                 **position_terms(l, k),
+                scale_range=scale_range(l, k),
             )
             for (l, k) in alloc
         }
@@ -325,6 +351,7 @@ class SpectralKVConfig:
             "compressed_layers": list(self.compressed_layers),
             "default_bits": self.default_bits,
             "token_scale": self.token_scale,
+            "scale_format": self.scale_format,
             "key_weight": self.key_weight,
             "outlier_threshold": self.outlier_threshold,
             "outlier_fraction": self.outlier_fraction,

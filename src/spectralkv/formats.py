@@ -21,6 +21,9 @@ Versions:
 - **4**: adds ``position_centring`` (``"rope"``: keys centred on their rotated pre-RoPE mean, with the tensors
   ``layers.{i}.k.position_mean`` and ``rope.frequencies``; null: off). The upgrade from 3 sets it to null: keys
   centred on their mean alone, exactly what format 3 meant.
+- **5**: adds ``scale_format`` (``"fp16"``, or ``"log8"``: one byte per token scale on a log scale, with the tensors
+  ``layers.{i}.{k|v}.scale_range``). The upgrade from 4 sets it to ``"fp16"``: scales stored in fp16, exactly what
+  format 4 meant.
 
 Because format 0 never wrote its number, a config with *no* ``format_version`` is format 0, while a *written*
 ``format_version`` below :data:`FIRST_WRITTEN_VERSION` is unknown and refused.
@@ -35,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 UNVERSIONED = 0  # the pre-release layout: no `format_version` field
 FIRST_WRITTEN_VERSION = 1
 PRE_RELEASE_WINDOW = 32
@@ -85,6 +88,13 @@ def _one_weight_set_to_3(data: dict[str, Any]) -> dict[str, Any]:
 def _unpositioned_to_4(data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
     out.setdefault("position_centring", None)
+    return out
+
+
+@migration(4)
+def _fp16_scales_to_5(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    out.setdefault("scale_format", "fp16")
     return out
 
 

@@ -314,7 +314,7 @@ class FusedCompressedLayer(CompressedLayer):
             return store.packed()
         q = store.quantizer
         codes = torch.empty(like.shape[0], 0, q.row_bytes, dtype=torch.uint8, device=like.device)
-        scales = torch.empty(like.shape[0], 0, q.num_heads, dtype=torch.float16, device=like.device)
+        scales = torch.empty(like.shape[0], 0, q.num_heads, dtype=q.scale_dtype, device=like.device)
         return PackedSide(q, codes, scales if q.token_scale else None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

@@ -41,7 +41,7 @@ def summary_text(config: SpectralKVConfig, bits: float | None = None) -> str:
         f"{config.num_kv_heads} KV heads x head_dim {config.head_dim}",
         f"  budget {b:g} bits/coord -> stored {config.effective_bits(b):.3f} bits/coord "
         f"(keys {split['key_bits']:.2f}, values {split['value_bits']:.2f} code bits; "
-        f"per-token scale: {config.token_scale}, key weight {config.key_weight:g}, outliers: "
+        f"per-token scale: {_scale_text(config)}, key weight {config.key_weight:g}, outliers: "
         f"{'off' if config.outlier_threshold is None else f'>{config.outlier_threshold:g} std'})",
         f"  bytes per token: {config.bytes_per_token(b):.0f} compressed vs {fp16} fp16 "
         f"({fp16 / config.bytes_per_token(b):.1f}x smaller); sinks {config.sink_tokens}, window {config.window}",
@@ -97,3 +97,7 @@ def plot_calibration(config: SpectralKVConfig, path: str | Path, bits: float | N
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _scale_text(config: Any) -> str:
+    return f"yes ({config.scale_format})" if config.token_scale else "no"

@@ -1,8 +1,9 @@
 """Encode and decode one layer's keys (or values) in its calibrated spectral basis: the PyTorch reference path.
 
 Write path, per token and KV head: ``z = U^T (x - mu) / sqrt(lambda)`` (rotated, centred, standardised), optionally
-divided by a per-token scale ``s = rms(z)`` stored in fp16, then each coordinate is replaced by the index of its
-nearest centroid in the codebook of its bit width, and the codes are packed (see :mod:`spectralkv.packing`).
+divided by a per-token scale ``s = rms(z)`` (stored in fp16, or as one byte on a calibrated log scale: see
+:mod:`spectralkv.scales`), then each coordinate is replaced by the index of its nearest centroid in the codebook of
+its bit width, and the codes are packed (see :mod:`spectralkv.packing`).
 
 Outliers (dense-and-sparse): with an ``outlier_threshold`` t, every coordinate with ``|z| > t`` (in the codebook's
 domain, after the per-token scale) is also stored exactly, as an fp16 value plus its index within the token, and
@@ -23,9 +24,9 @@ from .packing import packed_bytes
 from .positions import check_frequencies, position_features
 from .positions import rotate as rope_rotate
 from .row_decoder import RowDecoder, build_row_decoder
+from .scales import FP16, ScaleCodec
 
 EIGENVALUE_FLOOR = 1e-10
-SCALE_FLOOR = 1e-6
 
 
 def outlier_count_bits(coords: int) -> int:
@@ -123,7 +124,9 @@ class SpectralQuantizer:
         eigenvalues: ``[H, D]`` eigenvalues, eigen order.
         codebooks: ``[8, 256]`` Lloyd-Max centroid table (see :func:`spectralkv.codebook.fit_codebooks`).
         bits: ``[H, D]`` bits per coordinate (eigen order), each bit width used a multiple of 8 times per head.
-        token_scale: whether each token carries an fp16 scale.
+        token_scale: whether each token carries a scale.
+        scale_range: ``(lo, hi)`` log2 range of a ``log8`` scale (one byte per token and head, see
+            :mod:`spectralkv.scales`); None: the scale is stored in fp16.
         outlier_threshold: coordinates beyond this many (scaled) standard deviations are stored exactly; None: off.
         outlier_cap: at most this many outliers per token (all heads; the largest are kept), which bounds the
             worst case on text unlike the calibration's; None: no cap.
@@ -145,6 +148,7 @@ class SpectralQuantizer:
         outlier_cap: int | None = None,
         position_mean: torch.Tensor | None = None,
         frequencies: torch.Tensor | None = None,
+        scale_range: torch.Tensor | tuple[float, float] | None = None,
     ) -> None:
         self.num_heads, self.head_dim = mean.shape
         if (position_mean is None) != (frequencies is None):
@@ -154,6 +158,10 @@ class SpectralQuantizer:
         if self.position_mean is not None and self.position_mean.shape != mean.shape:
             raise ValueError(f"position_mean must be [H, D] = {tuple(mean.shape)}, got {tuple(position_mean.shape)}.")
         self.token_scale = bool(token_scale)
+        if scale_range is not None and not self.token_scale:
+            raise ValueError("scale_range describes a per-token scale; this quantizer has none (token_scale=False).")
+        self.scale_codec: ScaleCodec = FP16 if scale_range is None else ScaleCodec(
+            "log8", tuple(float(x) for x in torch.as_tensor(scale_range).reshape(-1).tolist()))
         if outlier_threshold is not None and not outlier_threshold > 0:
             raise ValueError(f"outlier_threshold must be > 0 or None, got {outlier_threshold!r}.")
         self.outlier_threshold = None if outlier_threshold is None else float(outlier_threshold)
@@ -199,9 +207,31 @@ class SpectralQuantizer:
 
     @property
     def bits_per_token(self) -> int:
-        """Fixed bits stored per token for all heads of this layer: codes, fp16 scales and the outlier count
-        (the outlier entries themselves come on top, :attr:`outlier_entry_bits` each)."""
-        return self.code_bits_per_token + (16 * self.num_heads if self.token_scale else 0) + self.outlier_count_bits
+        """Fixed bits stored per token for all heads of this layer: codes, scales and the outlier count (the
+        outlier entries themselves come on top, :attr:`outlier_entry_bits` each)."""
+        return self.code_bits_per_token + self.scale_bits_per_token + self.outlier_count_bits
+
+    @property
+    def scale_bits_per_token(self) -> int:
+        """Bits of one token's scales, all heads (0 without a per-token scale)."""
+        return self.scale_codec.bits * self.num_heads if self.token_scale else 0
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """Dtype of a stored scale (fp16, or uint8 for a log8 scale)."""
+        return self.scale_codec.dtype
+
+    def scale_values(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored scales (any shape) -> the float32 scales they stand for."""
+        return self.scale_codec.values(stored)
+
+    def _scaled(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``z`` ``[B, H, T, D]`` divided by its per-token scale, and the stored scales ``[B, H, T]`` (or ``z``, None
+        without a per-token scale)."""
+        if not self.token_scale:
+            return z, None
+        stored = self.scale_codec.encode_mean_square(z.pow(2).mean(-1))
+        return z / self.scale_codec.values(stored).unsqueeze(-1), stored
 
     @property
     def coords(self) -> int:
@@ -334,7 +364,7 @@ class SpectralQuantizer:
 
     def encode(self, x: torch.Tensor, positions: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, H, T, D]`` -> (packed ``[B, T, row_bytes]`` uint8, scales ``[B, T, H]`` fp16 or None).
+        """``[B, H, T, D]`` -> (packed ``[B, T, row_bytes]`` uint8, stored scales ``[B, T, H]`` or None).
 
         Codes and scales only: use :meth:`encode_with_outliers` when the quantizer keeps outliers."""
         return self.encode_with_outliers(x, positions=positions)[:2]
@@ -408,11 +438,8 @@ class SpectralQuantizer:
         All heads and regimes at once through per-coordinate tables (byte, shift, boundaries): the same rows as
         packing each regime with :func:`spectralkv.packing.pack` (the tests check it), without a Python loop per
         regime, which dominated a decode step on CPU."""
-        z = self.rotate(x, positions)
-        scales = None
-        if self.token_scale:
-            scales = z.pow(2).mean(-1).sqrt().clamp_min(SCALE_FLOOR).to(torch.float16)  # [B, H, T]
-            z = z / scales.float().unsqueeze(-1)
+        z, scales = self._scaled(self.rotate(x, positions))
+        if scales is not None:
             scales = scales.transpose(1, 2).contiguous()
         outliers = self.find_outliers(z) if slots is None else self.find_slot_outliers(z, slots)
         b, _, t, _ = z.shape
@@ -429,7 +456,8 @@ class SpectralQuantizer:
         """Packed rows -> reconstructed standardised coordinates ``[B, H, T, D]`` (packing order, float32; a
         transposed view of ``[B, T, H, D]`` storage)."""
         centroids = self.row_decoder(packed.device)(packed)
-        return rotated_from_centroids(centroids, self.num_heads, self.head_dim, scales, outliers)
+        values = None if scales is None else self.scale_values(scales)
+        return rotated_from_centroids(centroids, self.num_heads, self.head_dim, values, outliers)
 
     def decode(self, packed: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
                outliers: Outliers | SlotOutliers | None = None, positions: torch.Tensor | None = None, *,
@@ -454,11 +482,8 @@ class SpectralQuantizer:
         """
         _, _, dec, _ = self._on(x.device)
         centre = self.centre(positions, x.device, x.shape[0], x.shape[2])
-        z = self.rotate(x, positions)
-        scales = None
-        if self.token_scale:
-            scales = z.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(SCALE_FLOOR).to(torch.float16).float()
-            z = z / scales
+        z, stored = self._scaled(self.rotate(x, positions))
+        scales = None if stored is None else self.scale_values(stored).unsqueeze(-1)
         zq = self._centroids(self._codes(z)).to(z.dtype)
         mask = self.outlier_mask(z)
         if mask is not None:
@@ -471,7 +496,8 @@ class SpectralQuantizer:
 def rotated_from_centroids(z: torch.Tensor, num_heads: int, head_dim: int, scales: torch.Tensor | None,
                            outliers: Outliers | SlotOutliers | None) -> torch.Tensor:
     """Decoded centroids ``[B, T, H * D]`` (a fresh float32 tensor, changed in place) -> the coordinates ``[B, H, T,
-    D]``: exact outliers written over their centroids, then everything times the token's scale. Works in the
+    D]``: exact outliers written over their centroids, then everything times the token's scale (``scales``: the
+    float values ``[B, T, H]``, see :meth:`SpectralQuantizer.scale_values`). Works in the
     decoder's token-major layout, so it costs no copy."""
     b, t, _ = z.shape
     if isinstance(outliers, Outliers) and outliers.values.numel():

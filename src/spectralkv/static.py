@@ -19,7 +19,7 @@ Layout of one layer, with ``S`` sink tokens, a window of ``W`` and ``R = W + 1``
 
 * ``fp_keys``/``fp_values`` ``[B, H, S + R, D]`` (model dtype): slots ``0..S-1`` hold the sinks, the other ``R`` a
   ring of the most recent tokens; position ``p >= S`` lives in slot ``S + (p - S) % R``.
-* code rows ``[B, max_cache_len - S + 1, row_bytes]`` (and fp16 scales): position ``p >= S`` is row ``p - S``;
+* code rows ``[B, max_cache_len - S + 1, row_bytes]`` (and scales): position ``p >= S`` is row ``p - S``;
   the last row is scratch, written by steps that have nothing to compress yet.
 * with a calibration that keeps exact outliers, per row a count and ``C`` fixed slots (index and fp16 value,
   :class:`~spectralkv.quantizer.SlotOutliers`): a token keeps its ``C`` largest outliers. Static buffers pay for
@@ -133,7 +133,7 @@ class StaticCompressedLayer(CacheLayerMixin):
         self.out_starts: list[torch.Tensor | None] = []  # flat slot offsets (shared by layers with the same shape)
         for q, c in zip(self.quantizers, self.slots, strict=True):
             self.codes.append(torch.zeros(b, self.rows + 1, q.row_bytes, dtype=torch.uint8, device=dev))
-            self.scales.append(torch.zeros(b, self.rows + 1, h, dtype=torch.float16, device=dev)
+            self.scales.append(torch.zeros(b, self.rows + 1, h, dtype=q.scale_dtype, device=dev)
                                if q.token_scale else None)
             n = self.rows + 1
             self.out_counts.append(torch.zeros(b, n, dtype=q.outlier_count_dtype, device=dev) if c else None)

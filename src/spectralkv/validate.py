@@ -38,6 +38,7 @@ REQUIRED = {
     "compressed_layers": list,
     "default_bits": (int, float),
     "token_scale": bool,
+    "scale_format": str,
     "key_weight": (int, float),
     "outlier_threshold": (int, float, type(None)),
     "outlier_fraction": (int, float),
@@ -102,6 +103,11 @@ def check_schema(data: dict[str, Any], filename: str) -> None:
     if data.get("position_centring") not in POSITION_CENTRINGS:
         _fail(f"{filename}: position_centring must be one of {POSITION_CENTRINGS}, got "
               f"{data.get('position_centring')!r}; the calibration is corrupt or from a newer spectralkv.")
+    from .scales import SCALE_FORMATS
+
+    if data["scale_format"] not in SCALE_FORMATS:
+        _fail(f"{filename}: scale_format must be one of {SCALE_FORMATS}, got {data['scale_format']!r}; the "
+              "calibration is corrupt or from a newer spectralkv.")
     for key in ("sink_tokens", "window"):
         if data[key] < 0:
             _fail(f"{filename}: {key} must be >= 0, got {data[key]}.")
@@ -149,7 +155,17 @@ def expected_shapes(data: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], st
 
         out[ROPE_FREQUENCIES] = ((d,), "F32")
         out.update({tensor_name(layer, "k", "position_mean"): ((h, d), "F32") for layer in data["compressed_layers"]})
+    if _log8(data):
+        from .config import SCALE_RANGE
+
+        out.update({tensor_name(layer, kind, SCALE_RANGE): ((2,), "F32") for layer in data["compressed_layers"]
+                    for kind in KINDS})
     return out
+
+
+def _log8(data: dict[str, Any]) -> bool:
+    """Whether the calibration stores log8 per-token scales (and so their ranges)."""
+    return data.get("scale_format") == "log8"
 
 
 def expected_data_bytes(data: dict[str, Any]) -> int:
@@ -244,9 +260,16 @@ def check_finite(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None
         names = ["mean", "basis", "eigenvalues", "weights", "distortion", "codebooks"]
         if positioned and where.endswith("keys"):
             names.append("position_mean")
+        if _log8(data):
+            names.append("scale_range")
         for name in names:
             if not torch.isfinite(t(name)).all():
                 _fail(f"{where}: {name} contains NaN or infinite values.")
+        if _log8(data):
+            lo, hi = t("scale_range").tolist()
+            if not lo < hi:
+                _fail(f"{where}: scale_range [lo, hi] must have lo < hi, got [{lo:g}, {hi:g}]; the calibration is "
+                      "corrupt: re-download or re-create it.")
     if positioned:
         from .config import ROPE_FREQUENCIES
         from .positions import check_frequencies
@@ -319,6 +342,7 @@ def build_config(cls: Any, tensors: dict[str, torch.Tensor], data: dict[str, Any
             tensors=tensors,
             default_bits=float(data["default_bits"]),
             token_scale=data["token_scale"],
+            scale_format=data["scale_format"],
             key_weight=float(data["key_weight"]),
             outlier_threshold=None if data["outlier_threshold"] is None else float(data["outlier_threshold"]),
             outlier_fraction=float(data["outlier_fraction"]),
