@@ -99,5 +99,5 @@ def plot_calibration(config: SpectralKVConfig, path: str | Path, bits: float | N
     return out
 
 
-def _scale_text(config: Any) -> str:
+def _scale_text(config: SpectralKVConfig) -> str:
     return f"yes ({config.scale_format})" if config.token_scale else "no"
