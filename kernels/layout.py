@@ -31,6 +31,7 @@ import torch
 from spectralkv import codebook as cb
 from spectralkv.quantizer import SpectralQuantizer
 from spectralkv.row_decoder import RowDecoder
+from spectralkv.scales import stored_values
 
 TABLE_ROWS = cb.MAX_BITS + 1
 TABLE_COLS = cb.CODEBOOK_SIZE
@@ -68,10 +69,7 @@ class SpectralTables:
 
     def scale_values(self, stored: torch.Tensor | None) -> torch.Tensor | None:
         """Stored scales -> float32 values (None stays None)."""
-        if stored is None:
-            return None
-        levels = self.scale_levels
-        return stored.float() if levels is None else levels[stored.long()]
+        return None if stored is None else stored_values(stored, self.scale_levels)
 
 
 def build_tables(q: SpectralQuantizer, device: torch.device | str = "cpu") -> SpectralTables:

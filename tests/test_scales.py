@@ -45,7 +45,8 @@ def test_log8_levels_and_rounding() -> None:
     assert torch.equal(out, levels[[0, 0, -1]])
 
 
-@pytest.mark.parametrize("bad", [(1.0, 1.0), (2.0, -1.0), (float("nan"), 1.0), (0.0, float("inf")), None])
+@pytest.mark.parametrize("bad", [(1.0, 1.0), (2.0, -1.0), (float("nan"), 1.0), (0.0, float("inf")), None,
+                                 (0.0, 1.0, 2.0)])
 def test_log8_needs_a_finite_increasing_range(bad: Any) -> None:
     with pytest.raises(ValueError, match="range"):
         ScaleCodec("log8", bad)

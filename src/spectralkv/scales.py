@@ -53,8 +53,8 @@ class ScaleCodec:
     def __post_init__(self) -> None:
         check_scale_format(self.format)
         if self.format == "log8":
-            if self.log_range is None:
-                raise ValueError("a log8 scale needs its calibrated log2 range (lo, hi).")
+            if self.log_range is None or len(self.log_range) != 2:
+                raise ValueError(f"a log8 scale needs its calibrated log2 range (lo, hi), got {self.log_range!r}.")
             lo, hi = (float(x) for x in self.log_range)
             if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
                 raise ValueError(f"a log8 scale range must be finite with lo < hi, got {self.log_range!r}.")
@@ -93,13 +93,17 @@ class ScaleCodec:
 
     def values(self, stored: torch.Tensor) -> torch.Tensor:
         """Stored scales -> the float32 scales they stand for."""
-        if self.format == "fp16":
-            return stored.float()
-        return self.tables(stored.device)[1][stored.long()]
+        return stored_values(stored, None if self.format == "fp16" else self.tables(stored.device)[1])
 
     def quantized(self, ms: torch.Tensor) -> torch.Tensor:
         """The float32 scale a token of mean square ``ms`` is divided by (encode, then decode)."""
         return self.values(self.encode_mean_square(ms))
+
+
+def stored_values(stored: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+    """Stored scales -> float32 values: fp16 scales as they are, log8 levels looked up in ``levels`` ``[256]``
+    (None for fp16). The one rule both the quantizer and the kernels' tables decode scales by."""
+    return stored.float() if levels is None else levels[stored.long()]
 
 
 FP16 = ScaleCodec()
