@@ -39,7 +39,7 @@ def _to_format_0(folder: Path) -> None:
     """Rewrite a current config in the documented pre-release layout (see ``spectralkv.formats``)."""
     def edit(d: dict[str, Any]) -> None:
         for key in ("format_version", "spectralkv_version", "window", "group_size", "outlier_threshold",
-                    "outlier_fraction", "weight_profiles", "position_centring", "scale_format"):
+                    "outlier_fraction", "weight_profiles", "position_centring", "scale_format", "head_group"):
             d.pop(key)
 
     _edit_json(folder, edit)
@@ -53,6 +53,7 @@ def _to_format_1(folder: Path) -> None:
         d.pop("weight_profiles")
         d.pop("position_centring")
         d.pop("scale_format")
+        d.pop("head_group")
         d["format_version"] = 1
 
     _edit_json(folder, edit)
@@ -64,6 +65,7 @@ def _to_format_2(folder: Path) -> None:
         d.pop("weight_profiles")
         d.pop("position_centring")
         d.pop("scale_format")
+        d.pop("head_group")
         d["format_version"] = 2
 
     _edit_json(folder, edit)
@@ -74,6 +76,7 @@ def _to_format_3(folder: Path) -> None:
     def edit(d: dict[str, Any]) -> None:
         d.pop("position_centring")
         d.pop("scale_format")
+        d.pop("head_group")
         d["format_version"] = 3
 
     _edit_json(folder, edit)
@@ -83,9 +86,33 @@ def _to_format_4(folder: Path) -> None:
     """Rewrite a current (fp16-scale) config in format 4 (no scale format: scales were fp16)."""
     def edit(d: dict[str, Any]) -> None:
         d.pop("scale_format")
+        d.pop("head_group")
         d["format_version"] = 4
 
     _edit_json(folder, edit)
+
+
+def _to_format_5(folder: Path) -> None:
+    """Rewrite a current (per-head) config in format 5 (no head_group: a basis per KV head)."""
+    def edit(d: dict[str, Any]) -> None:
+        d.pop("head_group")
+        d["format_version"] = 5
+
+    _edit_json(folder, edit)
+
+
+def test_format_5_upgraded_to_per_head_bases(folder: Path, plain_calibration: SpectralKVConfig) -> None:
+    """Format 5 had one basis per KV head: the upgrade says so, and the quantizers decode as before."""
+    _to_format_5(folder)
+    cfg = SpectralKVConfig.from_pretrained(folder)
+    assert (cfg.format_version, cfg.head_group) == (formats.FORMAT_VERSION, 1)
+    x = torch.randn(2, cfg.num_kv_heads, 9, cfg.head_dim)
+    for key, q in cfg.quantizers().items():
+        assert q.head_group == 1
+        assert torch.equal(q.fake_quantize(x), plain_calibration.quantizers()[key].fake_quantize(x))
+    report = validate_calibration(folder)
+    assert report.ok, report.format()
+    assert report["format version"].message.startswith(f"format 5, upgraded to format {formats.FORMAT_VERSION}")
 
 
 def test_format_4_upgraded_to_fp16_scales(folder: Path, plain_calibration: SpectralKVConfig) -> None:
@@ -186,7 +213,8 @@ def test_format_0_is_still_validated(folder: Path) -> None:
     ("data", "expected"),
     [({}, 0), ({"format_version": 1}, 1),
      ({"format_version": 2}, 2), ({"format_version": 3}, 3), ({"format_version": 4}, 4), ({"format_version": 5}, 5),
-     ({"format_version": 6}, "format version 6, but this spectralkv reads format version 5 and older"),
+     ({"format_version": 6}, 6),
+     ({"format_version": 7}, "format version 7, but this spectralkv reads format version 6 and older"),
      ({"format_version": 0}, "unknown format version 0"), ({"format_version": -3}, "unknown format version -3"),
      ({"format_version": "1"}, r"'format_version' has the wrong type \(str\)"),
      ({"format_version": True}, r"'format_version' has the wrong type \(bool\)")],
@@ -200,33 +228,34 @@ def test_version_of(data: dict[str, Any], expected: int | str) -> None:
 
 
 def test_upgrade_chains_registered_steps_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With future formats 6 and 7, a format-0 config goes 0 -> 1 -> ... -> 7, each step seeing the previous
-    version (the real steps 0 -> 1 -> 2 -> 3 -> 4 -> 5 included)."""
+    """With future formats 7 and 8, a format-0 config goes 0 -> 1 -> ... -> 8, each step seeing the previous
+    version (the real steps 0 -> 1 -> 2 -> 3 -> 4 -> 5 -> 6 included)."""
     seen: list[int] = []
 
     def step(d: dict[str, Any]) -> dict[str, Any]:
         seen.append(d["format_version"])
         return {**d, f"added_in_{d['format_version'] + 1}": True}
 
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 7)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 8)
     monkeypatch.setattr(formats, "MIGRATIONS", dict(formats.MIGRATIONS))
-    formats.migration(5)(step)
     formats.migration(6)(step)
+    formats.migration(7)(step)
     original = {"default_bits": 3.0}
     out, version = formats.upgrade(original, CONFIG_NAME)
-    assert version == 0 and out["format_version"] == 7 and seen == [5, 6]
-    assert out["added_in_6"] and out["added_in_7"] and out["window"] == 32 and out["outlier_threshold"] is None
+    assert version == 0 and out["format_version"] == 8 and seen == [6, 7]
+    assert out["added_in_7"] and out["added_in_8"] and out["window"] == 32 and out["outlier_threshold"] is None
     assert out["weight_profiles"] == [] and out["position_centring"] is None and out["scale_format"] == "fp16"
+    assert out["head_group"] == 1
     assert original == {"default_bits": 3.0}, "the input is not modified"
-    assert formats.upgrade({"format_version": 6}, CONFIG_NAME)[0]["format_version"] == 7
+    assert formats.upgrade({"format_version": 7}, CONFIG_NAME)[0]["format_version"] == 8
     with pytest.raises(ValueError, match="already registered"):
-        formats.migration(5)(step)
+        formats.migration(6)(step)
 
 
 def test_gap_in_the_registry_is_a_bug_not_an_artifact_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 6)
-    with pytest.raises(RuntimeError, match="No migration from calibration format 5 to 6"):
-        formats.upgrade({"format_version": 5}, CONFIG_NAME)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 7)
+    with pytest.raises(RuntimeError, match="No migration from calibration format 6 to 7"):
+        formats.upgrade({"format_version": 6}, CONFIG_NAME)
 
 
 # -- the packed-row byte format -----------------------------------------------------------------------------------

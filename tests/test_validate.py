@@ -202,7 +202,7 @@ VALUE_CASES = [
     ("layers.1.k.codebooks", lambda x: x[2, :8].copy_(x[2, :8].flip(0)), "the 3-bit codebook is not sorted"),
     ("layers.0.k.bits", lambda x: x[0, :8].fill_(9), "bits per coordinate must be in 0..8, found 9"),
     ("layers.0.k.bits", lambda x: x.__setitem__((0, 0), int(x[0, 0]) % 8 + 1),
-     "-bit coordinates per head must come in multiples of 8"),
+     "-bit coordinates per basis must come in multiples of 8"),
     ("layers.1.v.scale_range", lambda x: x.__setitem__(1, float("nan")), "layer 1 values: scale_range contains NaN"),
     ("layers.0.k.scale_range", lambda x: x.copy_(x.flip(0)), r"layer 0 keys: scale_range \[lo, hi\] must have lo < hi"),
 ]

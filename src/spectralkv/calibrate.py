@@ -33,7 +33,7 @@ from . import __version__
 from .allocation import allocate, check_budget
 from .capture import capture_attention
 from .codebook import distortion_table, fit_codebooks
-from .config import KINDS, ROPE_FREQUENCIES, SCALE_RANGE, SpectralKVConfig, tensor_name
+from .config import KINDS, ROPE_FREQUENCIES, SCALE_RANGE, SpectralKVConfig, check_head_group, tensor_name
 from .fingerprint import check_supported, compressed_layers, fingerprint
 from .moments import MomentAccumulator, eigh_descending, participation_ratio
 from .positions import AUTO, PositionMoments, position_features, resolve_position_centring
@@ -80,6 +80,22 @@ def _run(model: Any, seqs: list[torch.Tensor], callback: Any, desc: str, progres
     with torch.inference_mode(), capture_attention(model, callback):
         for ids in tqdm(seqs, desc=desc, disable=not progress, unit="seq"):
             model(input_ids=ids.view(1, -1).to(device), use_cache=False)
+
+
+def _to_bases(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``[H, N, D]`` per KV head -> ``[H / group, N, group * D]``: each row holds ``group`` heads side by side."""
+    if group == 1:
+        return x
+    h, n, d = x.shape
+    return x.transpose(0, 1).reshape(n, h // group, group * d).transpose(0, 1)
+
+
+def _block_diagonal(m: torch.Tensor, group: int) -> torch.Tensor:
+    """``[H, D, D]`` per-head matrices -> ``[H / group, group * D, group * D]`` block-diagonal ones (a quadratic form
+    per head, e.g. the score error of each head's queries, seen in a basis shared by ``group`` heads)."""
+    if group == 1:
+        return m
+    return torch.stack([torch.block_diag(*m[i : i + group]) for i in range(0, m.shape[0], group)])
 
 
 def _standardise(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -145,6 +161,7 @@ def calibrate(
     profile_budgets: tuple[float, ...] = PROFILE_BUDGETS,
     position_centring: str | None = AUTO,
     scale_format: str = "log8",
+    head_group: int = 1,
 ) -> SpectralKVConfig:
     """Calibrate ``model`` on ``text`` and return a config serving budget ``bits`` (and any other budget).
 
@@ -170,6 +187,11 @@ def calibrate(
     ``"fp16"``. The byte costs half as much, and its rounding is far below what the codes lose; on SmolLM2 the freed
     bits cut the perplexity loss at 2 bits from +5.1% to +4.1% (paired -1.0%), within noise at 2.5-4 bits
     (docs/experiments.md).
+    ``head_group``: KV heads coded in one basis (a divisor of the model's KV heads; 1: a basis per head). Keys and
+    values of one layer's heads are projections of the same hidden state, so a joint basis captures their
+    correlations; on SmolLM2 (3 KV heads) one basis per layer halved the held-out error at 2 and 2.5 bits
+    (docs/experiments.md). The fused decode kernels read per-head bases only, so such a calibration serves the
+    dequantizing cache path.
     """
     bits = check_budget(bits)
     check_scale_format(scale_format)
@@ -198,6 +220,8 @@ def calibrate(
             "(their memory is bounded by the window), so there is nothing to compress."
         )
     h, hq, d = fp["num_key_value_heads"], fp["num_attention_heads"], fp["head_dim"]
+    g = check_head_group(head_group, h)
+    hb, db = h // g, g * d  # bases per layer and their dimension
     ids = calibration_tokens(tokenizer, text)
     if len(ids) < tokens + heldout_tokens:
         raise ValueError(
@@ -211,8 +235,8 @@ def calibrate(
 
     position_centring, freqs = resolve_position_centring(model, position_centring, d)
     # 1. fit pass -----------------------------------------------------------------------------------------------
-    mom = {(l, k): MomentAccumulator(h, d) for l in layers for k in KINDS if not (freqs is not None and k == "k")}
-    pos_mom = {l: PositionMoments(h, d, freqs) for l in layers} if freqs is not None else {}
+    mom = {(l, k): MomentAccumulator(hb, db) for l in layers for k in KINDS if not (freqs is not None and k == "k")}
+    pos_mom = {l: PositionMoments(hb, db, freqs, block=d) for l in layers} if freqs is not None else {}
     sample_positions: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     qmom = {l: MomentAccumulator(h, d) for l in layers}
     samples: dict[tuple[int, str], list[torch.Tensor]] = {(l, k): [] for l in layers for k in KINDS}
@@ -228,14 +252,14 @@ def calibrate(
         pick = torch.randperm(k.shape[2] - sink_tokens, generator=gen)[:SAMPLES_PER_SEQUENCE] + sink_tokens
         sample_positions[l].append(pick)  # calibration sequences start at position 0
         for kind, x in (("k", k), ("v", v)):
-            xs = x[0, :, sink_tokens:].float()
+            xs = _to_bases(x[0, :, sink_tokens:].float(), g)
             if (l, kind) in mom:
                 mom[(l, kind)].update(xs)
             else:
                 pos_mom[l].update(xs, torch.arange(sink_tokens, x.shape[2]))
             samples[(l, kind)].append(x[0, :, pick].float().cpu())
-        g = hq // h
-        qs = q[0, :, sink_tokens:].float().reshape(h, g, -1, d).reshape(h, -1, d)  # query j uses KV head j // g
+        gq = hq // h
+        qs = q[0, :, sink_tokens:].float().reshape(h, gq, -1, d).reshape(h, -1, d)  # query j uses KV head j // gq
         qmom[l].update(qs)
 
     _run(model, fit_seqs, fit_cb, "calibration: moments", progress)
@@ -253,7 +277,7 @@ def calibrate(
             else:
                 pm = pos_mom[l]
                 position_mean, mu, cov = pm.residual()
-                tensors[tensor_name(l, kind, "position_mean")] = position_mean.float()
+                tensors[tensor_name(l, kind, "position_mean")] = position_mean.float().reshape(h, d)
                 raw_mean, energy = pm.raw_mean(), pm.raw_second_moment_trace()
                 # share of the key energy the per-position centre removes (the mean alone removes k_mean_energy)
                 row[f"{kind}_centre_energy"] = float((1 - cov.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -261,16 +285,15 @@ def calibrate(
             lam, vec = eigh_descending(cov)
             if kind == "k":
                 qq = qmom[l].second_moment() * (hq // h)  # summed over the query heads of the group
-                weight = torch.einsum("hdi,hde,hei->hi", vec, qq, vec)
+                weight = torch.einsum("hdi,hde,hei->hi", vec, _block_diagonal(qq, g), vec)
             else:
                 wo = w_o.get(l)
                 if wo is None:
-                    weight = torch.ones(h, d, dtype=torch.float64)
+                    weight = torch.ones(hb, db, dtype=torch.float64)
                 else:
-                    g = hq // h
-                    blocks = wo.double().view(wo.shape[0], h, g, d)
+                    blocks = wo.double().view(wo.shape[0], h, hq // h, d)
                     mh = torch.einsum("ohgd,ohge->hde", blocks, blocks)
-                    weight = torch.einsum("hdi,hde,hei->hi", vec, mh, vec)
+                    weight = torch.einsum("hdi,hde,hei->hi", vec, _block_diagonal(mh, g), vec)
             tensors[tensor_name(l, kind, "mean")] = mu.float()
             tensors[tensor_name(l, kind, "basis")] = vec.float()
             tensors[tensor_name(l, kind, "eigenvalues")] = lam.float()
@@ -322,10 +345,10 @@ def calibrate(
                 basis = tensors[tensor_name(l, kind, "basis")]
                 lam = tensors[tensor_name(l, kind, "eigenvalues")]
                 fit_x = uncentred(l, kind, torch.cat(samples[(l, kind)], 1), torch.cat(sample_positions[l]))
-                z_fit = _standardise(fit_x, mean, basis, lam)
+                z_fit = _standardise(_to_bases(fit_x, g), mean, basis, lam)
                 x_held = getattr(heldout[l], kind)[:, :, sink_tokens:]
                 x_held = uncentred(l, kind, x_held, torch.arange(sink_tokens, sink_tokens + x_held.shape[2]))
-                x_held = x_held.transpose(0, 1).reshape(h, -1, d)
+                x_held = _to_bases(x_held.transpose(0, 1).reshape(h, -1, d), g)
                 z_held = _standardise(x_held, mean, basis, lam)
                 scale = None
                 range_name = tensor_name(l, kind, SCALE_RANGE)
@@ -362,7 +385,7 @@ def calibrate(
                 t[tensor_name(l, kind, "distortion")] = var["distortion"][(l, kind)].float()
                 mult = multipliers.get((l, kind), 1.0) * (key_weight if kind == "k" else 1.0)
                 t[tensor_name(l, kind, "weights")] = tensors[tensor_name(l, kind, "weights")] * mult
-                t[tensor_name(l, kind, "bits")] = torch.zeros(h, d, dtype=torch.uint8)
+                t[tensor_name(l, kind, "bits")] = torch.zeros(hb, db, dtype=torch.uint8)
         cfg = SpectralKVConfig(
             base_model=base_model or getattr(model.config, "spectralkv_base_model", None)
             or str(getattr(model.config, "_name_or_path", "unknown")),
@@ -370,7 +393,7 @@ def calibrate(
             scale_format=scale_format,
             key_weight=key_weight, outlier_threshold=threshold,
             outlier_fraction=var["outliers"] / max(var["coords"], 1), sink_tokens=sink_tokens, window=window,
-            position_centring=position_centring,
+            position_centring=position_centring, head_group=g,
             base_model_revision=base_model_revision,
         )
         alloc = allocate(cfg.weighted_distortion(), cfg.code_bits_for(budget), cfg.group_size)
@@ -439,7 +462,7 @@ def calibrate(
         return best, rows
 
     scale_bits = FP16.bits if scale_format == "fp16" else LOG8_BITS
-    modes = [ts for ts in (False, True) if not (ts and bits * d <= scale_bits)]  # skip scales that eat the budget
+    modes = [ts for ts in (False, True) if not (ts and bits * db <= scale_bits)]  # skip scales that eat the budget
     chosen, search_rows = search(bits, [(ts, thr) for ts in modes for thr in outlier_thresholds],
                                  "calibration: allocation search")
     profiles, profile_rows = [], []

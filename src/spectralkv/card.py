@@ -89,6 +89,14 @@ def _evaluation_rows(config: Any, evaluation: dict[str, Any] | None) -> list[dic
     return rows
 
 
+def bases_text(config: Any) -> str:
+    """How the calibration's bases cover the KV heads, in words."""
+    if config.head_group == 1:
+        return f"one per KV head ({config.num_kv_heads} per layer, dimension {config.head_dim})"
+    return (f"one per {config.head_group} KV heads ({config.num_bases} per layer, dimension {config.basis_dim}: the "
+            "heads' correlations are coded too; served by SpectralKVCache, not the fused kernels)")
+
+
 def render_card(config: Any, repo_id: str | None = None, *, evaluation: dict[str, Any] | None = None,
                 subfolder: str | None = None) -> str:
     """The README.md text for ``config``: YAML metadata plus the measured-figures tables. ``evaluation`` (from
@@ -136,7 +144,8 @@ def render_card(config: Any, repo_id: str | None = None, *, evaluation: dict[str
         heldout_error=config.measured.get("chosen", {}).get("mean_relative_output_error", float("nan")),
         layers=layers,
         budget_profiles=config.measured.get("budget_profiles", []),
-        head_dim=config.head_dim,
+        head_dim=config.basis_dim,
+        bases=bases_text(config),
         calibration=config.calibration,
         spectralkv_version=config.spectralkv_version,
         format_version=config.format_version,

@@ -88,6 +88,9 @@ class SpectralKVConfig:
             ``default_bits``); a budget is allocated with the weights of the nearest calibrated budget.
         sink_tokens: leading tokens kept in full precision.
         window: recent tokens kept in full precision by default.
+        head_group: KV heads coded in one basis (their coordinates side by side; 1: a basis per head). The
+            per-layer tensors then describe ``num_kv_heads / head_group`` bases of dimension ``head_group *
+            head_dim`` (``position_mean`` and ``rope.frequencies`` stay per head).
         calibration: provenance (text source, token counts, sequence length, seed).
         measured: figures measured at calibration (spectra, chosen split, held-out errors).
     """
@@ -107,6 +110,7 @@ class SpectralKVConfig:
     sink_tokens: int = 4
     window: int = 32
     group_size: int = GROUP_SIZE
+    head_group: int = 1
     weight_profiles: list[dict[str, Any]] = field(default_factory=list)
     base_model_revision: str | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +125,7 @@ class SpectralKVConfig:
             raise ValueError(f"`sink_tokens` must be >= 0, got {self.sink_tokens}.")
         if self.window < 0:
             raise ValueError(f"`window` must be >= 0, got {self.window}.")
+        check_head_group(self.head_group, self.num_kv_heads)
         if self.outlier_threshold is not None and not self.outlier_threshold > 0:
             raise ValueError(f"`outlier_threshold` must be > 0 or None, got {self.outlier_threshold!r}.")
         if not 0 <= self.outlier_fraction <= 1:
@@ -164,6 +169,16 @@ class SpectralKVConfig:
         return int(self.fingerprint["head_dim"])
 
     @property
+    def num_bases(self) -> int:
+        """Bases per layer and K/V (``num_kv_heads / head_group``)."""
+        return self.num_kv_heads // self.head_group
+
+    @property
+    def basis_dim(self) -> int:
+        """Dimension of one basis (``head_group * head_dim``)."""
+        return self.head_group * self.head_dim
+
+    @property
     def coords_per_token(self) -> int:
         """Coordinates per token over all compressed layers, K and V."""
         return 2 * len(self.compressed_layers) * self.num_kv_heads * self.head_dim
@@ -174,7 +189,7 @@ class SpectralKVConfig:
         if not self.token_scale:
             return 0
         return self.scale_codec(self.compressed_layers[0], "k").bits * 2 * len(self.compressed_layers) \
-            * self.num_kv_heads
+            * self.num_bases
 
     def scale_codec(self, layer: int, kind: str) -> ScaleCodec:
         """How ``layer``'s keys or values store their per-token scale (meaningful with ``token_scale``)."""
@@ -294,6 +309,7 @@ class SpectralKVConfig:
                 self.outlier_cap,
                 **position_terms(l, k),
                 scale_range=scale_range(l, k),
+                head_group=self.head_group,
             )
             for (l, k) in alloc
         }
@@ -359,6 +375,7 @@ class SpectralKVConfig:
             "sink_tokens": self.sink_tokens,
             "window": self.window,
             "group_size": self.group_size,
+            "head_group": self.head_group,
             "weight_profiles": self.weight_profiles,
             "calibration": self.calibration,
             "measured": self.measured,
@@ -444,6 +461,15 @@ class SpectralKVConfig:
                 commit_message=commit_message,
                 path_in_repo=path_in_repo,
             )
+
+
+def check_head_group(head_group: Any, num_kv_heads: int) -> int:
+    """A valid number of KV heads per basis: a positive divisor of the model's KV heads."""
+    if isinstance(head_group, bool) or not isinstance(head_group, int) or head_group < 1 or num_kv_heads % head_group:
+        divisors = [g for g in range(1, num_kv_heads + 1) if num_kv_heads % g == 0]
+        raise ValueError(f"`head_group` (KV heads per basis) must divide the model's {num_kv_heads} KV heads: one of "
+                         f"{divisors}, got {head_group!r}.")
+    return head_group
 
 
 def check_weight_profiles(profiles: Any, n_layers: int, default_bits: float) -> list[dict[str, Any]]:

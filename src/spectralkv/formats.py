@@ -24,6 +24,9 @@ Versions:
 - **5**: adds ``scale_format`` (``"fp16"``, or ``"log8"``: one byte per token scale on a log scale, with the tensors
   ``layers.{i}.{k|v}.scale_range``). The upgrade from 4 sets it to ``"fp16"``: scales stored in fp16, exactly what
   format 4 meant.
+- **6**: adds ``head_group`` (KV heads coded in one basis; the per-layer tensors then hold ``num_key_value_heads /
+  head_group`` bases of dimension ``head_group * head_dim``). The upgrade from 5 sets it to 1: a basis per head,
+  exactly what format 5 meant.
 
 Because format 0 never wrote its number, a config with *no* ``format_version`` is format 0, while a *written*
 ``format_version`` below :data:`FIRST_WRITTEN_VERSION` is unknown and refused.
@@ -38,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 UNVERSIONED = 0  # the pre-release layout: no `format_version` field
 FIRST_WRITTEN_VERSION = 1
 PRE_RELEASE_WINDOW = 32
@@ -95,6 +98,13 @@ def _unpositioned_to_4(data: dict[str, Any]) -> dict[str, Any]:
 def _fp16_scales_to_5(data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
     out.setdefault("scale_format", "fp16")
+    return out
+
+
+@migration(5)
+def _per_head_bases_to_6(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    out.setdefault("head_group", 1)
     return out
 
 

@@ -50,6 +50,16 @@ BACKENDS = ("auto", "torch", "triton")
 _TRITON_STATE: dict[str, Any] = {}
 
 
+def require_per_head_bases(quantizer: SpectralQuantizer, what: str) -> None:
+    """Refuse a calibration whose KV heads share a basis (``head_group`` > 1): the decode kernels rotate each query
+    by its own KV head's basis and read that head's codes alone."""
+    if quantizer.head_group > 1:
+        raise NotImplementedError(
+            f"{what} attends with one basis per KV head, but this calibration codes {quantizer.head_group} KV heads "
+            f"in one basis (head_group={quantizer.head_group}). Use SpectralKVCache / attach(..., fused=False) (the "
+            "dequantizing cache serves it), or calibrate with --head-group 1 for the fused kernels.")
+
+
 def default_backend() -> str:
     value = os.environ.get("SPECTRALKV_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
@@ -351,6 +361,7 @@ class FusedSpectralKVCache(SpectralKVCache):
         super().__init__(model, calibration, **kwargs)
 
     def _compressed_layer(self, qk: Any, qv: Any) -> CompressedLayer:
+        require_per_head_bases(qk, "FusedSpectralKVCache (fused decode attention)")
         return FusedCompressedLayer(qk, qv, self.sink_tokens, self.window, self.backend, self.flush_block)
 
 

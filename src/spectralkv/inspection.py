@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .card import bases_text
 from .config import SpectralKVConfig
 
 
@@ -47,6 +48,7 @@ def summary_text(config: SpectralKVConfig, bits: float | None = None) -> str:
         f"({fp16 / config.bytes_per_token(b):.1f}x smaller); sinks {config.sink_tokens}, window {config.window}",
         f"  weights re-fitted at: {refitted or 'none'} "
         f"(besides the default {config.default_bits:g}); {b:g} bits uses those of {config.profile_bits(b):g}",
+        f"  bases: {bases_text(config)}",
         "  keys centred on: " + ("their post-RoPE mean" if config.position_centring is None else
                                  "the pre-RoPE mean rotated to each key's position (position_centring='rope')"),
         "",

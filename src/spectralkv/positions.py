@@ -27,8 +27,11 @@ POSITION_CENTRINGS = (None, ROPE)  # what a calibration records
 REQUESTS = (AUTO, ROPE, None)  # what calibrate() takes ("auto": "rope" where the model's RoPE allows it)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``[x1, x2] -> [-x2, x1]`` on the last dimension (transformers' Llama convention)."""
+def rotate_half(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` on the last dimension (transformers' Llama convention); with ``block``, on each
+    consecutive block of that many entries (several heads' coordinates side by side, as a shared basis sees them)."""
+    if block is not None and block != x.shape[-1]:
+        return rotate_half(x.unflatten(-1, (x.shape[-1] // block, block))).flatten(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -112,10 +115,17 @@ def resolve_position_centring(model: Any, requested: str | None, head_dim: int
 class PositionMoments:
     """Streaming sums that give, after one pass, the pre-RoPE key mean ``m`` and the mean and covariance of the
     residual ``k_p - R_p m`` exactly (``m`` is unknown until the pass ends, so the cross terms with cos/sin are
-    accumulated instead of the residual itself). float64, per KV head, constant memory."""
+    accumulated instead of the residual itself). float64, per KV head, constant memory.
 
-    def __init__(self, num_heads: int, dim: int, frequencies: torch.Tensor) -> None:
-        self.frequencies = check_frequencies(frequencies, dim)
+    ``block``: the head_dim of ``frequencies`` when each of the ``num_heads`` rows holds several KV heads side by
+    side (``dim`` a multiple of it; a basis shared by those heads needs their joint covariance): every head is
+    rotated by its own position, with the same frequencies."""
+
+    def __init__(self, num_heads: int, dim: int, frequencies: torch.Tensor, block: int | None = None) -> None:
+        self.block = dim if block is None else int(block)
+        if self.block <= 0 or dim % self.block:
+            raise ValueError(f"block {block!r} must divide dim {dim}.")
+        self.frequencies = check_frequencies(frequencies, self.block).repeat(dim // self.block)
         z = dict(dtype=torch.float64)
         self.count = 0
         self.k = torch.zeros(num_heads, dim, **z)
@@ -149,14 +159,14 @@ class PositionMoments:
         n = max(self.count, 1)
         kc = self.kc.diagonal(dim1=-2, dim2=-1)
         ks = self.ks.diagonal(dim1=-2, dim2=-1)
-        return (kc - rotate_half(ks)) / n
+        return (kc - rotate_half(ks, self.block)) / n
 
     def residual(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(m, mu, C)``: the pre-RoPE mean, and the mean ``[H, D]`` and covariance ``[H, D, D]`` of
         ``k_p - R_p m``."""
         n = max(self.count, 1)
         m = self.position_mean()
-        jm = rotate_half(m)
+        jm = rotate_half(m, self.block)
         mu = (self.k - m * self.c - jm * self.s) / n
         cross = (self.kc * m[:, None, :] + self.ks * jm[:, None, :]) / n  # E[k_i (R_p m)_j]
         rr = (m[:, :, None] * m[:, None, :] * self.cc + m[:, :, None] * jm[:, None, :] * self.cs

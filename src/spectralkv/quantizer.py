@@ -118,6 +118,11 @@ class Regime:
 class SpectralQuantizer:
     """Quantizer for one layer and one of K/V, all KV heads of that layer.
 
+    With ``head_group`` g > 1, g consecutive KV heads share one basis of dimension ``g * head_dim`` (their
+    coordinates side by side): ``H`` and ``D`` below are then the number of bases and their dimension, while tensors
+    in and out keep the model's layout ``[B, KV heads, T, head_dim]``. Keys and values of the heads of one layer are
+    correlated (they are projections of the same hidden state), which one basis per head cannot exploit.
+
     Args:
         mean: ``[H, D]`` calibration mean.
         basis: ``[H, D, D]`` orthonormal eigenvectors (columns), eigen order.
@@ -130,10 +135,11 @@ class SpectralQuantizer:
         outlier_threshold: coordinates beyond this many (scaled) standard deviations are stored exactly; None: off.
         outlier_cap: at most this many outliers per token (all heads; the largest are kept), which bounds the
             worst case on text unlike the calibration's; None: no cap.
-        position_mean: ``[H, D]`` pre-RoPE key mean ``m`` for RoPE-aware centring (keys only; see
+        position_mean: ``[KV heads, head_dim]`` pre-RoPE key mean ``m`` for RoPE-aware centring (keys only; see
             :mod:`spectralkv.positions`): a token at position ``p`` is centred on ``mean + R_p m``, and every
             encode/decode then needs the tokens' positions. None: centred on ``mean`` alone.
-        frequencies: ``[D]`` RoPE frequencies of ``R_p`` (with ``position_mean``).
+        frequencies: ``[head_dim]`` RoPE frequencies of ``R_p`` (with ``position_mean``).
+        head_group: KV heads per basis (1: one basis per head).
     """
 
     def __init__(
@@ -149,14 +155,23 @@ class SpectralQuantizer:
         position_mean: torch.Tensor | None = None,
         frequencies: torch.Tensor | None = None,
         scale_range: torch.Tensor | tuple[float, float] | None = None,
+        head_group: int = 1,
     ) -> None:
         self.num_heads, self.head_dim = mean.shape
+        if isinstance(head_group, bool) or not isinstance(head_group, int) or head_group < 1 \
+                or self.head_dim % head_group:
+            raise ValueError(f"head_group must be a positive divisor of the basis dimension {self.head_dim}, got "
+                             f"{head_group!r}.")
+        self.head_group = head_group
+        self.kv_heads, self.kv_head_dim = self.num_heads * self.head_group, self.head_dim // self.head_group
         if (position_mean is None) != (frequencies is None):
             raise ValueError("position_mean and frequencies come together (RoPE-aware centring) or not at all.")
         self.position_mean = None if position_mean is None else position_mean.float()
-        self.frequencies = None if frequencies is None else check_frequencies(frequencies, self.head_dim)
-        if self.position_mean is not None and self.position_mean.shape != mean.shape:
-            raise ValueError(f"position_mean must be [H, D] = {tuple(mean.shape)}, got {tuple(position_mean.shape)}.")
+        self.frequencies = None if frequencies is None else check_frequencies(frequencies, self.kv_head_dim)
+        real = (self.kv_heads, self.kv_head_dim)
+        if self.position_mean is not None and tuple(self.position_mean.shape) != real:
+            raise ValueError(f"position_mean must be [KV heads, head_dim] = {real}, got "
+                             f"{tuple(position_mean.shape)}.")
         self.token_scale = bool(token_scale)
         if scale_range is not None and not self.token_scale:
             raise ValueError("scale_range describes a per-token scale; this quantizer has none (token_scale=False).")
@@ -325,18 +340,34 @@ class SpectralQuantizer:
         """Whether tokens are centred per position (RoPE-aware), so every encode/decode needs their positions."""
         return self.position_mean is not None
 
+    def to_bases(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, KV heads, T, head_dim]`` (model layout) -> ``[B, H, T, D]`` (one row per basis); a view when the
+        basis is per head."""
+        if self.head_group == 1:
+            return x
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def from_bases(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_bases` (a view)."""
+        if self.head_group == 1:
+            return x
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).reshape(b, t, self.kv_heads, self.kv_head_dim).transpose(1, 2)
+
     def centre(self, positions: torch.Tensor | None, device: torch.device, batch: int = 1, tokens: int = 1
                ) -> torch.Tensor:
-        """What tokens are centred on: ``[1, H, 1, D]`` (the mean), or ``[B, H, T, D]`` with positions ``[B, T]``
-        (``[T]`` is shared by every row) when the quantizer is position-centred."""
-        mean = self._on(device)[0][None, :, None, :]
+        """What tokens are centred on, in the model's layout: ``[1, KV heads, 1, head_dim]`` (the mean), or ``[B, KV
+        heads, T, head_dim]`` with positions ``[B, T]`` (``[T]`` is shared by every row) when the quantizer is
+        position-centred."""
+        mean = self._on(device)[0].reshape(self.kv_heads, self.kv_head_dim)[None, :, None, :]
         term = self.position_term(positions, device, batch, tokens)
         return mean if term is None else mean + term
 
     def position_term(self, positions: torch.Tensor | None, device: torch.device, batch: int = 1, tokens: int = 1
                       ) -> torch.Tensor | None:
-        """``R_p m`` ``[B, H, T, D]`` (float32) at ``positions``: the per-position part of the centre; None when the
-        quantizer is not position-centred."""
+        """``R_p m`` ``[B, KV heads, T, head_dim]`` (float32) at ``positions``: the per-position part of the centre;
+        None when the quantizer is not position-centred."""
         if self.position_mean is None:
             return None
         if positions is None:
@@ -357,14 +388,16 @@ class SpectralQuantizer:
         return self._position_cache[device]
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, H, T, D]`` -> standardised rotated coordinates in packing order (float32)."""
+        """``[B, KV heads, T, head_dim]`` -> standardised rotated coordinates ``[B, H, T, D]`` in packing order
+        (float32)."""
         _, enc, _, _ = self._on(x.device)
         centre = self.centre(positions, x.device, x.shape[0], x.shape[2])
-        return torch.einsum("bhtd,hde->bhte", x.float() - centre, enc)
+        return torch.einsum("bhtd,hde->bhte", self.to_bases(x.float() - centre), enc)
 
     def encode(self, x: torch.Tensor, positions: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, H, T, D]`` -> (packed ``[B, T, row_bytes]`` uint8, stored scales ``[B, T, H]`` or None).
+        """``[B, KV heads, T, head_dim]`` -> (packed ``[B, T, row_bytes]`` uint8, stored scales ``[B, T, H]`` or
+        None).
 
         Codes and scales only: use :meth:`encode_with_outliers` when the quantizer keeps outliers."""
         return self.encode_with_outliers(x, positions=positions)[:2]
@@ -462,12 +495,12 @@ class SpectralQuantizer:
     def decode(self, packed: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
                outliers: Outliers | SlotOutliers | None = None, positions: torch.Tensor | None = None, *,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed rows (and their outliers) -> ``[B, H, T, D]`` keys or values in ``dtype`` (``positions``: as
-        encoded, for a position-centred quantizer). ``out``: write them there instead (a view of the tensor attention
-        reads, so a decode step does not copy the whole store once more); returned."""
+        """Packed rows (and their outliers) -> ``[B, KV heads, T, head_dim]`` keys or values in ``dtype``
+        (``positions``: as encoded, for a position-centred quantizer). ``out``: write them there instead (a view of
+        the tensor attention reads, so a decode step does not copy the whole store once more); returned."""
         _, _, dec, _ = self._on(packed.device)
         centre = self.centre(positions, packed.device, packed.shape[0], packed.shape[1])
-        x = torch.einsum("bhte,hed->bhtd", self.decode_rotated(packed, scales, outliers), dec)
+        x = self.from_bases(torch.einsum("bhte,hed->bhtd", self.decode_rotated(packed, scales, outliers), dec))
         if out is None:
             return (x + centre).to(dtype)
         if out.dtype == x.dtype:
@@ -490,7 +523,7 @@ class SpectralQuantizer:
             zq = torch.where(mask, z.half().to(z.dtype), zq)
         if scales is not None:
             zq = zq * scales
-        return (torch.einsum("bhte,hed->bhtd", zq, dec) + centre).to(x.dtype)
+        return (self.from_bases(torch.einsum("bhte,hed->bhtd", zq, dec)) + centre).to(x.dtype)
 
 
 def rotated_from_centroids(z: torch.Tensor, num_heads: int, head_dim: int, scales: torch.Tensor | None,

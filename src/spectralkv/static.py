@@ -49,7 +49,15 @@ from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLaye
 
 from .cache import _model_config, left_padding
 from .config import SpectralKVConfig
-from .fused import BACKENDS, FUSED_ATTENTION, StaticDecodeView, _kernels, default_backend, use_triton
+from .fused import (
+    BACKENDS,
+    FUSED_ATTENTION,
+    StaticDecodeView,
+    _kernels,
+    default_backend,
+    require_per_head_bases,
+    use_triton,
+)
 from .layer_base import FLUSH_CHUNK
 from .quantizer import SlotOutliers, SpectralQuantizer, slot_starts
 
@@ -391,6 +399,7 @@ class StaticSpectralKVCache(Cache):
             outlier_slots = default_outlier_slots(calibration)
         self.outlier_slots = outlier_slots
         quantizers = calibration.quantizers()
+        require_per_head_bases(next(iter(quantizers.values())), "StaticSpectralKVCache")
         shared: dict[Any, torch.Tensor] = {}
         layer_types, layer_kwargs = get_layer_types_and_kwargs(_model_config(model))
         compressed = set(calibration.compressed_layers)

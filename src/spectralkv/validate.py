@@ -45,6 +45,7 @@ REQUIRED = {
     "sink_tokens": int,
     "window": int,
     "group_size": int,
+    "head_group": int,
     "weight_profiles": list,
     "position_centring": (str, type(None)),
     "tensors_sha256": str,
@@ -91,6 +92,10 @@ def check_schema(data: dict[str, Any], filename: str) -> None:
     if data["group_size"] <= 0 or fp["head_dim"] % data["group_size"]:
         _fail(f"{filename}: group_size {data['group_size']} must be positive and divide head_dim {fp['head_dim']}.")
     # Checked here so a bad artifact is a CalibrationFormatError, not a ValueError from the config's constructor.
+    g = data["head_group"]
+    if g <= 0 or fp["num_key_value_heads"] % g:
+        _fail(f"{filename}: head_group {g} (KV heads per basis) must be positive and divide num_key_value_heads "
+              f"{fp['num_key_value_heads']}; the calibration is corrupt: re-download or re-create it.")
     if not 0 < data["default_bits"] <= MAX_BITS:
         _fail(f"{filename}: default_bits must be in (0, {MAX_BITS}], got {data['default_bits']!r}.")
     t, f = data["outlier_threshold"], data["outlier_fraction"]
@@ -136,7 +141,8 @@ def expected_shapes(data: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], st
     from .config import KINDS, tensor_name
 
     fp = data["fingerprint"]
-    h, d = fp["num_key_value_heads"], fp["head_dim"]
+    g = data.get("head_group", 1)
+    h, d = fp["num_key_value_heads"] // g, fp["head_dim"] * g  # bases per layer and their dimension
     per = {
         "mean": ((h, d), "F32"),
         "basis": ((h, d, d), "F32"),
@@ -153,8 +159,9 @@ def expected_shapes(data: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], st
     if data.get("position_centring") is not None:
         from .config import ROPE_FREQUENCIES
 
-        out[ROPE_FREQUENCIES] = ((d,), "F32")
-        out.update({tensor_name(layer, "k", "position_mean"): ((h, d), "F32") for layer in data["compressed_layers"]})
+        out[ROPE_FREQUENCIES] = ((fp["head_dim"],), "F32")  # per head, as the model rotates
+        out.update({tensor_name(layer, "k", "position_mean"): ((fp["num_key_value_heads"], fp["head_dim"]), "F32")
+                    for layer in data["compressed_layers"]})
     if _log8(data):
         from .config import SCALE_RANGE
 
@@ -313,7 +320,7 @@ def check_bits(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
         for b in range(1, MAX_BITS + 1):
             counts = (bits == b).sum(-1)
             if (counts % g).any():
-                _fail(f"{where}: {b}-bit coordinates per head must come in multiples of {g}.")
+                _fail(f"{where}: {b}-bit coordinates per basis must come in multiples of {g}.")
 
 
 def check_codebooks(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
@@ -350,6 +357,7 @@ def build_config(cls: Any, tensors: dict[str, torch.Tensor], data: dict[str, Any
             sink_tokens=data["sink_tokens"],
             window=data["window"],
             group_size=data["group_size"],
+            head_group=data["head_group"],
             weight_profiles=data["weight_profiles"],
             base_model_revision=data.get("base_model_revision"),
             calibration=data.get("calibration", {}),
