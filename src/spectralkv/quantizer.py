@@ -341,15 +341,15 @@ class SpectralQuantizer:
         return self.position_mean is not None
 
     def to_bases(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, KV heads, T, head_dim]`` (model layout) -> ``[B, H, T, D]`` (one row per basis); a view when the
-        basis is per head."""
+        """``[B, KV heads, T, head_dim]`` (model layout) -> ``[B, H, T, D]`` (one row per basis); the tensor itself
+        when the basis is per head, else a reshaped copy."""
         if self.head_group == 1:
             return x
         b, _, t, _ = x.shape
         return x.transpose(1, 2).reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
     def from_bases(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`to_bases` (a view)."""
+        """Inverse of :meth:`to_bases` (the tensor itself when the basis is per head, else a reshaped copy)."""
         if self.head_group == 1:
             return x
         b, _, t, _ = x.shape
